@@ -1,0 +1,216 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Config is the service's whole configuration, read once at startup from the
+// environment by loadConfig. Variable names and defaults follow the original
+// Flask design (DB_HOST, REDIS_PORT, ...); the defaults reach the PostgreSQL
+// and Redis that compose.yaml publishes on localhost, so `go run .` works
+// next to `docker compose up -d postgres redis`.
+type Config struct {
+	Port int // PORT: TCP port the HTTP server listens on; 0 picks a free one.
+
+	DBHost           string        // DB_HOST
+	DBPort           int           // DB_PORT
+	DBName           string        // DB_NAME
+	DBUser           string        // DB_USER
+	DBPassword       string        // DB_PASSWORD; never logged.
+	DBSchema         string        // DB_SCHEMA: created if missing and put first on search_path; empty keeps the server's default (public).
+	DBSSLMode        string        // DB_SSLMODE: libpq sslmode (disable, prefer, require, verify-ca, verify-full).
+	DBMaxConns       int           // DB_MAX_CONNS: size of the connection pool.
+	DBConnectTimeout time.Duration // DB_CONNECT_TIMEOUT: how long startup waits for PostgreSQL.
+	DBQueryTimeout   time.Duration // DB_QUERY_TIMEOUT: bound on each query, including the wait for a pooled connection.
+
+	RedisHost     string        // REDIS_HOST
+	RedisPort     int           // REDIS_PORT
+	RedisPassword string        // REDIS_PASSWORD; never logged.
+	RedisDB       int           // REDIS_DB: logical database number.
+	RedisTimeout  time.Duration // REDIS_TIMEOUT: dial, read and write timeout of each Redis call.
+	RedisRetry    time.Duration // REDIS_RETRY_INTERVAL: after a Redis failure, how long the cache is bypassed before Redis is probed again.
+
+	CacheTTL       time.Duration // CACHE_TTL: lifetime of a cached item.
+	CacheKeyPrefix string        // CACHE_KEY_PREFIX: cached items live at prefix+id.
+
+	ShutdownTimeout time.Duration // SHUTDOWN_TIMEOUT: how long in-flight requests may run after SIGTERM.
+	LogLevel        slog.Level    // LOG_LEVEL: debug, info, warn or error.
+	LogFormat       string        // LOG_FORMAT: text or json.
+}
+
+// loadConfig reads the configuration through getenv. An empty variable means
+// its default. It returns one error naming every variable that is invalid,
+// so a misconfigured container says everything that is wrong in one restart.
+func loadConfig(getenv func(string) string) (Config, error) {
+	p := envParser{getenv: getenv}
+	c := Config{
+		Port:             p.port("PORT", 5000, true),
+		DBHost:           p.str("DB_HOST", "localhost"),
+		DBPort:           p.port("DB_PORT", 5432, false),
+		DBName:           p.str("DB_NAME", "appdb"),
+		DBUser:           p.str("DB_USER", "appuser"),
+		DBPassword:       p.str("DB_PASSWORD", "secret"),
+		DBSchema:         p.str("DB_SCHEMA", ""),
+		DBSSLMode:        p.oneOf("DB_SSLMODE", "prefer", "disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+		DBMaxConns:       p.intRange("DB_MAX_CONNS", 16, 1, 1000),
+		DBConnectTimeout: p.duration("DB_CONNECT_TIMEOUT", 30*time.Second),
+		DBQueryTimeout:   p.duration("DB_QUERY_TIMEOUT", 3*time.Second),
+
+		RedisHost:     p.str("REDIS_HOST", "localhost"),
+		RedisPort:     p.port("REDIS_PORT", 6379, false),
+		RedisPassword: p.str("REDIS_PASSWORD", ""),
+		RedisDB:       p.intRange("REDIS_DB", 0, 0, 15),
+		RedisTimeout:  p.duration("REDIS_TIMEOUT", 200*time.Millisecond),
+		RedisRetry:    p.duration("REDIS_RETRY_INTERVAL", time.Second),
+
+		CacheTTL:       p.duration("CACHE_TTL", 60*time.Second),
+		CacheKeyPrefix: p.str("CACHE_KEY_PREFIX", "item:"),
+
+		ShutdownTimeout: p.duration("SHUTDOWN_TIMEOUT", 5*time.Second),
+		LogFormat:       p.oneOf("LOG_FORMAT", "text", "text", "json"),
+	}
+	if v := getenv("LOG_LEVEL"); v != "" {
+		if err := c.LogLevel.UnmarshalText([]byte(v)); err != nil {
+			p.fail("LOG_LEVEL", v, "must be debug, info, warn or error")
+		}
+	}
+	if c.DBSchema != "" && !validIdentifier(c.DBSchema) {
+		p.fail("DB_SCHEMA", c.DBSchema, "must be lowercase letters, digits and underscores, not starting with a digit")
+	}
+	if c.CacheTTL > 0 && c.CacheTTL < time.Millisecond {
+		p.fail("CACHE_TTL", getenv("CACHE_TTL"), "must be at least 1ms (Redis expiry resolution)")
+	}
+	return c, errors.Join(p.errs...)
+}
+
+// LogValue lists the effective configuration for the startup log line,
+// leaving out DB_PASSWORD and REDIS_PASSWORD: it says only whether each is set.
+func (c Config) LogValue() slog.Value {
+	return slog.GroupValue(
+		slog.Int("PORT", c.Port),
+		slog.String("DB_HOST", c.DBHost),
+		slog.Int("DB_PORT", c.DBPort),
+		slog.String("DB_NAME", c.DBName),
+		slog.String("DB_USER", c.DBUser),
+		slog.Bool("DB_PASSWORD_SET", c.DBPassword != ""),
+		slog.String("DB_SCHEMA", c.DBSchema),
+		slog.String("DB_SSLMODE", c.DBSSLMode),
+		slog.Int("DB_MAX_CONNS", c.DBMaxConns),
+		slog.Duration("DB_CONNECT_TIMEOUT", c.DBConnectTimeout),
+		slog.Duration("DB_QUERY_TIMEOUT", c.DBQueryTimeout),
+		slog.String("REDIS_HOST", c.RedisHost),
+		slog.Int("REDIS_PORT", c.RedisPort),
+		slog.Bool("REDIS_PASSWORD_SET", c.RedisPassword != ""),
+		slog.Int("REDIS_DB", c.RedisDB),
+		slog.Duration("REDIS_TIMEOUT", c.RedisTimeout),
+		slog.Duration("REDIS_RETRY_INTERVAL", c.RedisRetry),
+		slog.Duration("CACHE_TTL", c.CacheTTL),
+		slog.String("CACHE_KEY_PREFIX", c.CacheKeyPrefix),
+		slog.Duration("SHUTDOWN_TIMEOUT", c.ShutdownTimeout),
+		slog.String("LOG_LEVEL", c.LogLevel.String()),
+		slog.String("LOG_FORMAT", c.LogFormat),
+	)
+}
+
+// redisAddr is REDIS_HOST:REDIS_PORT, bracketing an IPv6 host.
+func (c Config) redisAddr() string {
+	return net.JoinHostPort(c.RedisHost, strconv.Itoa(c.RedisPort))
+}
+
+// envParser reads variables and collects one error per invalid value.
+type envParser struct {
+	getenv func(string) string
+	errs   []error
+}
+
+func (p *envParser) fail(name, value, rule string) {
+	p.errs = append(p.errs, fmt.Errorf("invalid %s=%q: %s", name, value, rule))
+}
+
+func (p *envParser) str(name, def string) string {
+	if v := p.getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+func (p *envParser) intRange(name string, def, lo, hi int) int {
+	v := p.getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(v))
+	if err != nil || n < lo || n > hi {
+		p.fail(name, v, fmt.Sprintf("must be a whole number from %d to %d", lo, hi))
+		return def
+	}
+	return n
+}
+
+// port accepts 1-65535, and 0 too where zeroOK (listen on a free port).
+func (p *envParser) port(name string, def int, zeroOK bool) int {
+	lo := 1
+	if zeroOK {
+		lo = 0
+	}
+	return p.intRange(name, def, lo, 65535)
+}
+
+// duration accepts a Go duration ("1m30s", "250ms") or a bare whole number
+// of seconds ("60"), as the original design's CACHE_TTL was. It must be positive.
+func (p *envParser) duration(name string, def time.Duration) time.Duration {
+	v := strings.TrimSpace(p.getenv(name))
+	if v == "" {
+		return def
+	}
+	d, err := time.ParseDuration(v)
+	if n, nerr := strconv.ParseInt(v, 10, 64); nerr == nil {
+		d, err = time.Duration(n)*time.Second, nil
+		if n > int64(1<<63-1)/int64(time.Second) {
+			err = errors.New("too large")
+		}
+	}
+	if err != nil || d <= 0 {
+		p.fail(name, v, `must be a positive duration such as "60s", "500ms" or a number of seconds`)
+		return def
+	}
+	return d
+}
+
+func (p *envParser) oneOf(name, def string, allowed ...string) string {
+	v := p.getenv(name)
+	if v == "" {
+		return def
+	}
+	for _, a := range allowed {
+		if strings.EqualFold(v, a) {
+			return a
+		}
+	}
+	p.fail(name, v, "must be one of "+strings.Join(allowed, ", "))
+	return def
+}
+
+// validIdentifier reports whether s can be used unquoted as a PostgreSQL
+// schema name without surprises (no quoting, no case folding): [a-z_][a-z0-9_]*, at most 63 bytes
+// (NAMEDATALEN-1, PostgreSQL docs "Identifiers and Key Words").
+func validIdentifier(s string) bool {
+	if s == "" || len(s) > 63 {
+		return false
+	}
+	for i, r := range s {
+		switch {
+		case r == '_', r >= 'a' && r <= 'z':
+		case r >= '0' && r <= '9' && i > 0:
+		default:
+			return false
+		}
+	}
+	return true
+}

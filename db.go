@@ -1,0 +1,220 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" database/sql driver
+)
+
+//go:embed schema.sql
+var schemaSQL string
+
+// schemaLockID is the key of the advisory lock held while schema.sql runs, so
+// that replicas starting together do not race on CREATE TABLE IF NOT EXISTS
+// (which is not safe under concurrency: it can fail with a unique violation
+// on pg_type). Any fixed number works; this one is "items" in ASCII.
+const schemaLockID = 0x6974656d73
+
+var (
+	// ErrNotFound means no row has the requested id.
+	ErrNotFound = errors.New("not found")
+	// ErrUnavailable means PostgreSQL could not be reached or did not answer
+	// within the query timeout. It is temporary: the pool reconnects by itself.
+	ErrUnavailable = errors.New("database unavailable")
+)
+
+// Store is the items table behind a bounded pool of PostgreSQL connections.
+// Every method bounds its query by the configured query timeout on top of
+// the caller's context, and returns ErrNotFound or an error wrapping
+// ErrUnavailable where those apply.
+type Store struct {
+	db      *sql.DB
+	timeout time.Duration
+}
+
+// dsn builds the connection URL for pgx from the DB_* settings.
+func (c Config) dsn() string {
+	q := url.Values{"sslmode": {c.DBSSLMode}, "application_name": {"items-api"}}
+	if c.DBSchema != "" {
+		q.Set("search_path", c.DBSchema)
+	}
+	u := url.URL{
+		Scheme:   "postgres",
+		User:     url.UserPassword(c.DBUser, c.DBPassword),
+		Host:     net.JoinHostPort(c.DBHost, strconv.Itoa(c.DBPort)),
+		Path:     "/" + c.DBName,
+		RawQuery: q.Encode(),
+	}
+	return u.String()
+}
+
+// openStore opens the pool, waits for PostgreSQL with exponential backoff
+// (250 ms doubling to 5 s, logging each retry) for at most DB_CONNECT_TIMEOUT,
+// then applies the embedded schema.sql. It returns ctx.Err() if ctx ends
+// first, and an error naming the server if it never answers.
+func openStore(ctx context.Context, cfg Config, log *slog.Logger) (*Store, error) {
+	db, err := sql.Open("pgx", cfg.dsn())
+	if err != nil {
+		return nil, fmt.Errorf("open PostgreSQL: %w", err)
+	}
+	db.SetMaxOpenConns(cfg.DBMaxConns)
+	db.SetMaxIdleConns(cfg.DBMaxConns)
+	db.SetConnMaxIdleTime(5 * time.Minute)
+	db.SetConnMaxLifetime(time.Hour)
+	s := &Store{db: db, timeout: cfg.DBQueryTimeout}
+
+	if err := s.waitReady(ctx, cfg, log); err != nil {
+		db.Close()
+		return nil, err
+	}
+	if err := s.applySchema(ctx, cfg.DBSchema); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("apply schema.sql: %w", err)
+	}
+	return s, nil
+}
+
+func (s *Store) waitReady(ctx context.Context, cfg Config, log *slog.Logger) error {
+	deadline := time.Now().Add(cfg.DBConnectTimeout)
+	backoff := 250 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := s.Ping(ctx)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if !errors.Is(err, ErrUnavailable) {
+			// Wrong password, missing database: waiting will not help.
+			return fmt.Errorf("connect to PostgreSQL at %s:%d: %w", cfg.DBHost, cfg.DBPort, err)
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			return fmt.Errorf("PostgreSQL at %s:%d did not answer within DB_CONNECT_TIMEOUT=%s: %w",
+				cfg.DBHost, cfg.DBPort, cfg.DBConnectTimeout, err)
+		}
+		wait := min(backoff, left)
+		log.Warn("waiting for PostgreSQL", "attempt", attempt, "retry_in", wait, "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+// applySchema runs schema.sql (and creates DB_SCHEMA first, if set) in one
+// transaction under an advisory lock.
+func (s *Store) applySchema(ctx context.Context, schema string) error {
+	ctx, cancel := context.WithTimeout(ctx, max(s.timeout, 30*time.Second))
+	defer cancel()
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return classify(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, "SELECT pg_advisory_xact_lock($1)", schemaLockID); err != nil {
+		return classify(err)
+	}
+	if schema != "" {
+		// schema passed validIdentifier, so it needs no quoting.
+		if _, err := tx.ExecContext(ctx, "CREATE SCHEMA IF NOT EXISTS "+schema); err != nil {
+			return classify(err)
+		}
+	}
+	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
+		return classify(err)
+	}
+	return classify(tx.Commit())
+}
+
+// Close closes the pool, waiting for queries in progress.
+func (s *Store) Close() error { return s.db.Close() }
+
+// Ping checks that PostgreSQL answers within the query timeout.
+func (s *Store) Ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	return classify(s.db.PingContext(ctx))
+}
+
+// CreateItem inserts an item and returns it as stored, with its new id.
+func (s *Store) CreateItem(ctx context.Context, name string, description *string) (Item, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var it Item
+	err := s.db.QueryRowContext(ctx,
+		"INSERT INTO items (name, description) VALUES ($1, $2) RETURNING id, name, description",
+		name, description).Scan(&it.ID, &it.Name, &it.Description)
+	return it, classify(err)
+}
+
+// GetItem returns the item with the given id, or ErrNotFound.
+func (s *Store) GetItem(ctx context.Context, id int64) (Item, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var it Item
+	// $1::bigint: a table created by hand with SERIAL has an int4 id, and an
+	// int8 parameter compared with it still uses the primary key index, while
+	// an int4 parameter would fail to encode ids above 2^31-1.
+	err := s.db.QueryRowContext(ctx,
+		"SELECT id, name, description FROM items WHERE id = $1::bigint", id).
+		Scan(&it.ID, &it.Name, &it.Description)
+	return it, classify(err)
+}
+
+// classify maps sql.ErrNoRows to ErrNotFound and every sign that PostgreSQL
+// is unreachable, overloaded, shutting down or too slow to ErrUnavailable
+// (keeping the cause in the chain); other errors are returned as they are.
+func classify(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, sql.ErrNoRows):
+		return ErrNotFound
+	case unavailable(err):
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	return err
+}
+
+func unavailable(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		// SQLSTATE classes 08 connection exception, 53 insufficient resources,
+		// 57 operator intervention (admin shutdown, statement timeout, cannot
+		// connect now): PostgreSQL Appendix A "Error Codes".
+		switch pgErr.Code[:min(2, len(pgErr.Code))] {
+		case "08", "53", "57":
+			return true
+		}
+		return false
+	}
+	var netErr net.Error
+	var connectErr *pgconn.ConnectError
+	return errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, context.Canceled) ||
+		errors.Is(err, driver.ErrBadConn) ||
+		errors.Is(err, sql.ErrConnDone) ||
+		errors.Is(err, io.EOF) ||
+		errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, net.ErrClosed) ||
+		errors.As(err, &netErr) ||
+		errors.As(err, &connectErr) ||
+		pgconn.Timeout(err) ||
+		pgconn.SafeToRetry(err)
+}

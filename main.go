@@ -1,0 +1,408 @@
+// Command items is a JSON API for items, stored in PostgreSQL and cached
+// in Redis by cache-aside. See README.md for the API and the walkthrough.
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"mime"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"reflect"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	"unicode/utf8"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args, os.Getenv, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "items:", err)
+		os.Exit(1)
+	}
+}
+
+// run is the whole program: `items` serves until ctx ends, then shuts down
+// gracefully and returns nil; `items healthcheck` asks /health on this
+// machine and returns an error unless it answers 200 (the container image
+// has no shell or curl for a health check). Logs go to stdout.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	if len(args) > 1 {
+		if args[1] == "healthcheck" {
+			return healthcheck(ctx, cfg.Port)
+		}
+		return fmt.Errorf("unknown command %q; run with no arguments to serve, or with healthcheck", args[1])
+	}
+	log := newLogger(cfg, stdout)
+	log.Info("starting", "config", cfg)
+
+	store, err := openStore(ctx, cfg, log)
+	if err != nil {
+		if ctx.Err() != nil {
+			log.Info("stopped while waiting for PostgreSQL")
+			return nil
+		}
+		return err
+	}
+	defer store.Close()
+	cache := newCache(cfg, log)
+	defer cache.Close()
+	if err := cache.Ping(ctx); err != nil {
+		log.Warn("redis is not answering at startup; serving from PostgreSQL until it does", "err", err)
+	}
+
+	ln, err := net.Listen("tcp", ":"+strconv.Itoa(cfg.Port))
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler:           newServer(log, store, cache),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       15 * time.Second,
+		WriteTimeout:      cfg.DBQueryTimeout + 15*time.Second,
+		IdleTimeout:       90 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info("listening", "addr", ln.Addr().String())
+
+	select {
+	case err := <-serveErr:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down; finishing in-flight requests", "timeout", cfg.ShutdownTimeout)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(shutdownCtx); err != nil {
+		srv.Close()
+		return fmt.Errorf("shutdown: requests still running after SHUTDOWN_TIMEOUT=%s were cut off: %w", cfg.ShutdownTimeout, err)
+	}
+	if err := <-serveErr; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	log.Info("stopped")
+	return nil
+}
+
+func newLogger(cfg Config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+// healthcheck exits the container's health check: nil if GET /health on
+// localhost answers 200 within 2 s.
+func healthcheck(ctx context.Context, port int) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	url := "http://127.0.0.1:" + strconv.Itoa(port) + "/health"
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthcheck: %s answered %s", url, resp.Status)
+	}
+	return nil
+}
+
+// newServer is the HTTP handler of the service: every route, wrapped in
+// request logging, panic recovery and JSON answers for unknown routes and
+// wrong methods.
+func newServer(log *slog.Logger, store *Store, cache *Cache) http.Handler {
+	mux := http.NewServeMux()
+	addRoutes(mux, log, store, cache)
+	return logRequests(log, mux)
+}
+
+// addRoutes lists every route of the API.
+func addRoutes(mux *http.ServeMux, log *slog.Logger, store *Store, cache *Cache) {
+	mux.Handle("GET /health", handleHealth())
+	mux.Handle("GET /ready", handleReady(log, store, cache))
+	mux.Handle("POST /items", handleCreateItem(log, store))
+	mux.Handle("GET /items/{id}", handleGetItem(log, store, cache))
+}
+
+// handleHealth is liveness: the process serves HTTP. It touches neither
+// PostgreSQL nor Redis, so an outage of either never gets the container
+// restarted.
+func handleHealth() http.Handler {
+	body := []byte(`{"status":"ok"}`)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, body)
+	})
+}
+
+type readiness struct {
+	Status   string `json:"status"`   // "ok" or "unavailable"
+	Postgres string `json:"postgres"` // "up" or "down"
+	Redis    string `json:"redis"`    // "up" or "down"
+}
+
+// handleReady is readiness: 200 when PostgreSQL answers, whatever Redis
+// does (the service works without it, and "redis" says how it is); 503
+// when PostgreSQL does not.
+func handleReady(log *slog.Logger, store *Store, cache *Cache) http.Handler {
+	upDown := func(err error) string {
+		if err != nil {
+			return "down"
+		}
+		return "up"
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		pgErr := store.Ping(r.Context())
+		res := readiness{Status: "ok", Postgres: upDown(pgErr), Redis: upDown(cache.Ping(r.Context()))}
+		status := http.StatusOK
+		if pgErr != nil {
+			log.Warn("not ready: PostgreSQL is not answering", "err", pgErr)
+			res.Status, status = "unavailable", http.StatusServiceUnavailable
+		}
+		encode(w, r, log, status, res)
+	})
+}
+
+// maxBodyBytes bounds a request body: 1 MiB.
+const maxBodyBytes = 1 << 20
+
+var newline = []byte("\n")
+
+// writeJSON sends body, which must be JSON, and a newline.
+func writeJSON(w http.ResponseWriter, status int, body []byte) {
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)+1))
+	w.WriteHeader(status)
+	w.Write(body)
+	w.Write(newline)
+}
+
+// encode sends v as JSON with the given status.
+func encode(w http.ResponseWriter, r *http.Request, log *slog.Logger, status int, v any) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		writeError(w, r, log, fmt.Errorf("encode %T: %w", v, err))
+		return
+	}
+	writeJSON(w, status, body)
+}
+
+// decode reads a JSON object from the request body into v, strictly: the
+// Content-Type must be JSON, the body at most maxBodyBytes of UTF-8 holding
+// one object with no unknown fields and nothing after it. Its errors are
+// *apiError with a message that says what to fix.
+func decode(w http.ResponseWriter, r *http.Request, v any) error {
+	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err != nil || mt != "application/json" {
+		return &apiError{Status: http.StatusUnsupportedMediaType,
+			Message: "the request body must be JSON: send the header Content-Type: application/json"}
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	if err != nil {
+		if errors.As(err, new(*http.MaxBytesError)) {
+			return &apiError{Status: http.StatusRequestEntityTooLarge,
+				Message: fmt.Sprintf("the request body must not be larger than %d bytes (1 MiB)", maxBodyBytes)}
+		}
+		return badRequest("could not read the request body: %v", err)
+	}
+	if !utf8.Valid(body) {
+		return badRequest("the request body must be UTF-8 text")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return decodeError(err)
+	}
+	if dec.More() || dec.Decode(&struct{}{}) != io.EOF {
+		return badRequest("the request body must hold a single JSON object, with nothing after it")
+	}
+	return nil
+}
+
+// decodeError turns an encoding/json error into a message a person can act on.
+func decodeError(err error) error {
+	var syntaxErr *json.SyntaxError
+	var typeErr *json.UnmarshalTypeError
+	switch {
+	case errors.Is(err, io.EOF):
+		return badRequest("the request body is empty; send a JSON object")
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return badRequest("the request body is not valid JSON: it ends too early")
+	case errors.As(err, &syntaxErr):
+		return badRequest("the request body is not valid JSON (at byte %d): %s", syntaxErr.Offset, strings.TrimPrefix(syntaxErr.Error(), "json: "))
+	case errors.As(err, &typeErr) && typeErr.Field != "":
+		return badRequest("field %q must be %s", typeErr.Field, jsonTypeName(typeErr.Type))
+	case errors.As(err, &typeErr):
+		return badRequest("the request body must be a JSON object")
+	case strings.HasPrefix(err.Error(), "json: unknown field "):
+		return badRequest("unknown field %s", strings.TrimPrefix(err.Error(), "json: unknown field "))
+	}
+	return badRequest("the request body is not valid JSON: %s", strings.TrimPrefix(err.Error(), "json: "))
+}
+
+func jsonTypeName(t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.String:
+		return "a string"
+	case reflect.Int, reflect.Int64, reflect.Int32:
+		return "an integer"
+	case reflect.Bool:
+		return "true or false"
+	}
+	return "a " + t.String()
+}
+
+// apiError is an error whose message is meant for the client.
+type apiError struct {
+	Status  int
+	Message string
+	Fields  map[string]string // per-field problems, for 400s from validation
+}
+
+func (e *apiError) Error() string { return e.Message }
+
+func badRequest(format string, args ...any) *apiError {
+	return &apiError{Status: http.StatusBadRequest, Message: fmt.Sprintf(format, args...)}
+}
+
+// invalidFields is the 400 for a request that decoded but failed validation.
+func invalidFields(problems map[string]string) *apiError {
+	msgs := make([]string, 0, len(problems))
+	for field, problem := range problems {
+		msgs = append(msgs, field+" "+problem)
+	}
+	slices.Sort(msgs)
+	return &apiError{Status: http.StatusBadRequest, Message: "invalid item: " + strings.Join(msgs, "; "), Fields: problems}
+}
+
+// errorBody is the JSON shape of every error: {"error": "..."}, plus
+// "fields" when validation found problems with particular fields.
+type errorBody struct {
+	Error  string            `json:"error"`
+	Fields map[string]string `json:"fields,omitempty"`
+}
+
+// writeError is the one place that maps an error to a status: *apiError
+// carries its own; ErrNotFound is 404; ErrUnavailable is 503 with
+// Retry-After; anything else is a bug: logged in full, answered with a
+// generic 500 that reveals nothing internal.
+func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
+	var ae *apiError
+	switch {
+	case errors.As(err, &ae):
+	case errors.Is(err, ErrNotFound):
+		ae = &apiError{Status: http.StatusNotFound, Message: "not found"}
+	case errors.Is(err, ErrUnavailable):
+		log.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		w.Header().Set("Retry-After", "1")
+		ae = &apiError{Status: http.StatusServiceUnavailable, Message: "the database is unavailable; try again shortly"}
+	default:
+		log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
+		ae = &apiError{Status: http.StatusInternalServerError, Message: "internal server error"}
+	}
+	body, _ := json.Marshal(errorBody{Error: ae.Message, Fields: ae.Fields})
+	writeJSON(w, ae.Status, body)
+}
+
+// logRequests logs one line per request (method, route pattern, path,
+// status, duration, cache outcome), turns a panic into a logged 500, and
+// replaces the mux's plain-text 404 and 405 answers with JSON ones.
+func logRequests(log *slog.Logger, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rec := &recorder{ResponseWriter: w, r: r}
+		defer func() {
+			if p := recover(); p != nil {
+				if p == http.ErrAbortHandler {
+					panic(p)
+				}
+				log.Error("panic", "method", r.Method, "path", r.URL.Path, "panic", p, "stack", string(debug.Stack()))
+				if rec.status == 0 {
+					writeError(rec, r, log, errors.New("panic"))
+				}
+			}
+			log.LogAttrs(r.Context(), slog.LevelInfo, "request",
+				slog.String("method", r.Method),
+				slog.String("route", r.Pattern),
+				slog.String("path", r.URL.Path),
+				slog.Int("status", rec.status),
+				slog.Duration("duration", time.Since(start)),
+				slog.String("cache", w.Header().Get("X-Cache")),
+			)
+		}()
+		next.ServeHTTP(rec, r)
+		if rec.status == 0 {
+			rec.status = http.StatusOK
+		}
+	})
+}
+
+// recorder remembers the status for the request log, and swaps the mux's
+// own 404/405 (the only responses written with no route pattern matched)
+// for JSON.
+type recorder struct {
+	http.ResponseWriter
+	r        *http.Request
+	status   int
+	replaced bool
+}
+
+func (rec *recorder) WriteHeader(status int) {
+	if rec.status != 0 {
+		return
+	}
+	rec.status = status
+	if rec.r.Pattern == "" && (status == http.StatusNotFound || status == http.StatusMethodNotAllowed) {
+		rec.replaced = true
+		msg := fmt.Sprintf("no such endpoint: %s %s (the API is listed in README.md)", rec.r.Method, rec.r.URL.Path)
+		if status == http.StatusMethodNotAllowed {
+			msg = fmt.Sprintf("method %s is not allowed on %s; allowed: %s", rec.r.Method, rec.r.URL.Path, rec.Header().Get("Allow"))
+		}
+		rec.Header().Del("X-Content-Type-Options")
+		body, _ := json.Marshal(errorBody{Error: msg})
+		writeJSON(rec.ResponseWriter, status, body)
+		return
+	}
+	rec.ResponseWriter.WriteHeader(status)
+}
+
+func (rec *recorder) Write(b []byte) (int, error) {
+	if rec.replaced {
+		return len(b), nil
+	}
+	if rec.status == 0 {
+		rec.WriteHeader(http.StatusOK)
+	}
+	return rec.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the underlying writer.
+func (rec *recorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
