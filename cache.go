@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -45,6 +46,7 @@ type Cache struct {
 // read, write and pool wait, one dial attempt and no command retries.
 // It does not connect; Redis may be absent at startup and appear later.
 func newCache(cfg Config, log *slog.Logger) *Cache {
+	quietRedisOnce.Do(func() { redis.SetLogger(discardLogger{}) })
 	rdb := redis.NewClient(&redis.Options{
 		Addr:            cfg.redisAddr(),
 		Password:        cfg.RedisPassword,
@@ -113,6 +115,15 @@ func (c *Cache) Ping(ctx context.Context) error {
 	c.ok()
 	return nil
 }
+
+// quietRedisOnce silences go-redis's own (process-wide) logger, which
+// prints every failed dial to stderr: a flood during an outage. Cache logs
+// failures itself, once per outage.
+var quietRedisOnce sync.Once
+
+type discardLogger struct{}
+
+func (discardLogger) Printf(context.Context, string, ...any) {}
 
 var errCacheBypassed = errors.New("redis is being bypassed after a recent failure")
 

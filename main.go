@@ -160,9 +160,10 @@ func handleHealth() http.Handler {
 }
 
 type readiness struct {
-	Status   string `json:"status"`   // "ok" or "unavailable"
-	Postgres string `json:"postgres"` // "up" or "down"
-	Redis    string `json:"redis"`    // "up" or "down"
+	Status   string `json:"status"`          // "ok" or "unavailable"
+	Postgres string `json:"postgres"`        // "up" or "down"
+	Redis    string `json:"redis"`           // "up" or "down"
+	Error    string `json:"error,omitempty"` // why not ready, as in every error body
 }
 
 // handleReady is readiness: 200 when PostgreSQL answers, whatever Redis
@@ -182,6 +183,7 @@ func handleReady(log *slog.Logger, store *Store, cache *Cache) http.Handler {
 		if pgErr != nil {
 			log.Warn("not ready: PostgreSQL is not answering", "err", pgErr)
 			res.Status, status = "unavailable", http.StatusServiceUnavailable
+			res.Error = "PostgreSQL is not answering; the service cannot serve requests that need it"
 		}
 		encode(w, r, log, status, res)
 	})

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+)
+
+// checkEndpointsWithoutRedis runs every endpoint against a service whose
+// Redis is broken: each must answer as it would with Redis, GETs as BYPASS
+// within 1 s.
+func checkEndpointsWithoutRedis(t *testing.T, base string) {
+	t.Helper()
+	if res := do(t, "GET", base+"/health", ""); res.status != 200 {
+		t.Errorf("GET /health: got %d; want 200", res.status)
+	}
+	res := do(t, "GET", base+"/ready", "")
+	if want := `{"status":"ok","postgres":"up","redis":"down"}` + "\n"; res.status != 200 || string(res.body) != want {
+		t.Errorf("GET /ready: got %d %s; want 200 %s", res.status, res.body, want)
+	}
+	it := createItem(t, base, `{"name":"no cache"}`)
+	for i := 0; i < 20; i++ {
+		res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "")
+		if res.status != 200 || res.header.Get("X-Cache") != "BYPASS" {
+			t.Fatalf("GET %d: got %d X-Cache %q %s; want 200 BYPASS", i, res.status, res.header.Get("X-Cache"), res.body)
+		}
+		if res.elapsed > time.Second {
+			t.Errorf("GET %d took %v; want under 1 s", i, res.elapsed)
+		}
+	}
+	if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID+1000), ""); res.status != 404 {
+		t.Errorf("GET missing item: got %d; want 404", res.status)
+	}
+	if res := do(t, "GET", base+"/items/abc", ""); res.status != 400 {
+		t.Errorf("GET /items/abc: got %d; want 400", res.status)
+	}
+}
+
+// TestRedisRefusing: nothing listens on the Redis port.
+func TestRedisRefusing(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
+	logs := newLogBuffer(t)
+	log := logs.logger()
+	cache := newCache(cfg, log)
+	defer cache.Close()
+	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	checkEndpointsWithoutRedis(t, base)
+	if n := logs.count("redis unavailable"); n != 1 {
+		t.Errorf(`log lines "redis unavailable": got %d; want 1 for the whole outage`, n)
+	}
+}
+
+// TestRedisHung: Redis accepts connections and never answers. Only one
+// request per retry interval may wait for the Redis timeout.
+func TestRedisHung(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", hungListener(t)
+	logs := newLogBuffer(t)
+	log := logs.logger()
+	cache := newCache(cfg, log)
+	defer cache.Close()
+	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	checkEndpointsWithoutRedis(t, base)
+	if n := logs.count("redis unavailable"); n != 1 {
+		t.Errorf(`log lines "redis unavailable": got %d; want 1 for the whole outage`, n)
+	}
+}
+
+// TestRedisOutageAndRecovery: Redis (a private redis-server) dies mid-run and
+// comes back on the same port; reads go BYPASS, then HIT again by themselves,
+// with one log line for the outage and one for the recovery.
+func TestRedisOutageAndRecovery(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
+	stop := startRedis(t, cfg.RedisPort)
+	logs := newLogBuffer(t)
+	log := logs.logger()
+	cache := newCache(cfg, log)
+	defer cache.Close()
+	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	it := createItem(t, base, `{"name":"survivor"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	cacheHeader := func() string {
+		res := do(t, "GET", url, "")
+		if res.status != http.StatusOK {
+			t.Fatalf("GET: got %d %s; want 200", res.status, res.body)
+		}
+		return res.header.Get("X-Cache")
+	}
+	if got := cacheHeader() + " " + cacheHeader(); got != "MISS HIT" {
+		t.Fatalf("before the outage: got %s; want MISS HIT", got)
+	}
+
+	stop()
+	for i := 0; i < 10; i++ {
+		if got := cacheHeader(); got != "BYPASS" {
+			t.Errorf("Redis down, GET %d: X-Cache %q; want BYPASS", i, got)
+		}
+	}
+
+	startRedis(t, cfg.RedisPort) // empty: the old keys are gone
+	back := time.Now()
+	var outcomes []string
+	for time.Since(back) < 3*time.Second {
+		o := cacheHeader()
+		outcomes = append(outcomes, o)
+		if o == "HIT" {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if outcomes[len(outcomes)-1] != "HIT" {
+		t.Fatalf("after Redis came back: outcomes %v; want HIT within 3 s", outcomes)
+	}
+	if n := logs.count("redis unavailable"); n != 1 {
+		t.Errorf(`log lines "redis unavailable": got %d; want 1`, n)
+	}
+	if n := logs.count("redis is back"); n != 1 {
+		t.Errorf(`log lines "redis is back": got %d; want 1`, n)
+	}
+}

@@ -1,0 +1,121 @@
+package main
+
+import (
+	"bytes"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+)
+
+func envMap(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+func TestLoadConfigDefaults(t *testing.T) {
+	cfg, err := loadConfig(envMap(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{
+		Port: 5000, DBHost: "localhost", DBPort: 5432, DBName: "appdb", DBUser: "appuser", DBPassword: "secret",
+		DBSSLMode: "prefer", DBMaxConns: 16, DBConnectTimeout: 30 * time.Second, DBQueryTimeout: 3 * time.Second,
+		RedisHost: "localhost", RedisPort: 6379, RedisTimeout: 200 * time.Millisecond, RedisRetry: time.Second,
+		CacheTTL: time.Minute, CacheKeyPrefix: "item:", ShutdownTimeout: 5 * time.Second,
+		LogLevel: slog.LevelInfo, LogFormat: "text",
+	}
+	if cfg != want {
+		t.Errorf("defaults:\ngot  %+v\nwant %+v", cfg, want)
+	}
+}
+
+func TestLoadConfigValues(t *testing.T) {
+	cfg, err := loadConfig(envMap(map[string]string{
+		"PORT": "8080", "DB_HOST": "db", "DB_PORT": "6432", "CACHE_TTL": "300", "DB_QUERY_TIMEOUT": "750ms",
+		"REDIS_TIMEOUT": "1s", "LOG_LEVEL": "debug", "LOG_FORMAT": "JSON", "DB_SCHEMA": "items_dev",
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Port != 8080 || cfg.DBHost != "db" || cfg.DBPort != 6432 || cfg.CacheTTL != 300*time.Second ||
+		cfg.DBQueryTimeout != 750*time.Millisecond || cfg.RedisTimeout != time.Second ||
+		cfg.LogLevel != slog.LevelDebug || cfg.LogFormat != "json" || cfg.DBSchema != "items_dev" {
+		t.Errorf("got %+v", cfg)
+	}
+}
+
+func TestLoadConfigErrors(t *testing.T) {
+	tests := []struct{ name, value string }{
+		{"PORT", "http"}, {"PORT", "70000"}, {"PORT", "-1"},
+		{"DB_PORT", "0"}, {"DB_PORT", "5432x"},
+		{"REDIS_PORT", "redis"},
+		{"CACHE_TTL", "soon"}, {"CACHE_TTL", "0"}, {"CACHE_TTL", "-5s"}, {"CACHE_TTL", "10ns"}, {"CACHE_TTL", "99999999999999999"},
+		{"DB_CONNECT_TIMEOUT", "forever"}, {"DB_QUERY_TIMEOUT", "0s"}, {"REDIS_TIMEOUT", "1x"},
+		{"DB_MAX_CONNS", "0"}, {"REDIS_DB", "16"}, {"DB_SSLMODE", "maybe"},
+		{"DB_SCHEMA", "Robert'); DROP"}, {"DB_SCHEMA", "1abc"},
+		{"LOG_LEVEL", "loud"}, {"LOG_FORMAT", "xml"},
+	}
+	for _, tc := range tests {
+		_, err := loadConfig(envMap(map[string]string{tc.name: tc.value, "DB_PASSWORD": "hunter2"}))
+		if err == nil {
+			t.Errorf("%s=%q: no error; want one naming %s", tc.name, tc.value, tc.name)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.name) {
+			t.Errorf("%s=%q: error %q does not name %s", tc.name, tc.value, err, tc.name)
+		}
+		if strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("%s=%q: error %q shows the password", tc.name, tc.value, err)
+		}
+	}
+
+	_, err := loadConfig(envMap(map[string]string{"PORT": "x", "CACHE_TTL": "y"}))
+	if err == nil || !strings.Contains(err.Error(), "PORT") || !strings.Contains(err.Error(), "CACHE_TTL") {
+		t.Errorf("two bad variables: %v; want both named", err)
+	}
+}
+
+// TestConfigLogHidesSecrets: the startup log line shows the configuration
+// but never a password.
+func TestConfigLogHidesSecrets(t *testing.T) {
+	cfg, err := loadConfig(envMap(map[string]string{"DB_PASSWORD": "pg-s3cret", "REDIS_PASSWORD": "redis-s3cret"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	slog.New(slog.NewJSONHandler(&buf, nil)).Info("starting", "config", cfg)
+	out := buf.String()
+	if strings.Contains(out, "s3cret") {
+		t.Errorf("log line shows a password: %s", out)
+	}
+	for _, want := range []string{`"DB_HOST":"localhost"`, `"CACHE_TTL":60000000000`, `"DB_PASSWORD_SET":true`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log line %s lacks %s", out, want)
+		}
+	}
+	if strings.Contains(cfg.dsn(), "pg-s3cret") == false {
+		t.Errorf("DSN %q lacks the password", cfg.dsn())
+	}
+}
+
+func TestParseID(t *testing.T) {
+	tests := []struct {
+		in     string
+		id     int64
+		status int
+	}{
+		{"1", 1, 0}, {"007", 7, 0}, {"9223372036854775807", 9223372036854775807, 0},
+		{"9223372036854775808", 0, 404}, {"99999999999999999999", 0, 404},
+		{"0", 0, 400}, {"-1", 0, 400}, {"+1", 0, 400}, {"abc", 0, 400}, {"", 0, 400}, {"1e3", 0, 400}, {" 1", 0, 400}, {"١", 0, 400},
+	}
+	for _, tc := range tests {
+		id, err := parseID(tc.in)
+		status := 0
+		if ae, ok := err.(*apiError); ok {
+			status = ae.Status
+		}
+		if id != tc.id || status != tc.status {
+			t.Errorf("parseID(%q): got %d, status %d; want %d, status %d", tc.in, id, status, tc.id, tc.status)
+		}
+	}
+}

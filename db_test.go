@@ -1,0 +1,157 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// pgBehindProxy returns a server whose PostgreSQL connections go through a
+// proxy the test controls, and an item stored before anything breaks.
+func pgBehindProxy(t *testing.T, cfg Config) (base string, p *proxy, it Item) {
+	t.Helper()
+	log := newLogBuffer(t).logger()
+	newTestStore(t, cfg, log) // creates the schema, drops it at the end
+	p = newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
+	cfg.DBHost, cfg.DBPort = "127.0.0.1", p.port()
+	store, err := openStore(t.Context(), cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	base = testServer(t, log, store, newTestCache(t, cfg, log))
+	return base, p, createItem(t, base, `{"name":"before the outage"}`)
+}
+
+// checkUnavailable expects a 503 JSON error within the query timeout (plus
+// a generous margin), never a hang or a 500.
+func checkUnavailable(t *testing.T, cfg Config, method, url, body string) {
+	t.Helper()
+	res := do(t, method, url, body)
+	if res.status != http.StatusServiceUnavailable {
+		t.Errorf("%s %s: got %d %s; want 503", method, url, res.status, res.body)
+	}
+	errorMessage(t, res)
+	if limit := cfg.DBQueryTimeout + 2*time.Second; res.elapsed > limit {
+		t.Errorf("%s %s took %v; want under %v", method, url, res.elapsed, limit)
+	}
+}
+
+// TestPostgresLost: PostgreSQL goes away mid-run (every connection cut, new
+// ones dropped). Reads that need it and writes get 503 JSON quickly,
+// readiness fails, liveness does not, cached items are still served, and
+// everything recovers by itself when PostgreSQL is back.
+func TestPostgresLost(t *testing.T) {
+	cfg := testConfig(t)
+	base, pg, cached := pgBehindProxy(t, cfg)
+	do(t, "GET", fmt.Sprintf("%s/items/%d", base, cached.ID), "") // fill the cache
+
+	pg.setCut(true)
+	checkUnavailable(t, cfg, "GET", fmt.Sprintf("%s/items/%d", base, cached.ID+1000), "")
+	checkUnavailable(t, cfg, "POST", base+"/items", `{"name":"during the outage"}`)
+	checkUnavailable(t, cfg, "GET", base+"/ready", "")
+	if res := do(t, "GET", base+"/health", ""); res.status != 200 {
+		t.Errorf("GET /health with PostgreSQL down: got %d; want 200 (liveness must not depend on it)", res.status)
+	}
+	if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, cached.ID), ""); res.status != 200 || res.header.Get("X-Cache") != "HIT" {
+		t.Errorf("GET of a cached item with PostgreSQL down: got %d %s; want 200 HIT", res.status, res.header.Get("X-Cache"))
+	}
+
+	pg.setCut(false)
+	waitFor(t, "POST to succeed after PostgreSQL is back", func() bool {
+		return do(t, "POST", base+"/items", `{"name":"after the outage"}`).status == http.StatusCreated
+	})
+	if res := do(t, "GET", base+"/ready", ""); res.status != 200 {
+		t.Errorf("GET /ready after recovery: got %d %s; want 200", res.status, res.body)
+	}
+}
+
+// TestPostgresHung: PostgreSQL accepts but stops answering. Requests get 503
+// at the query timeout, and once it answers again the pool serves requests
+// without a restart.
+func TestPostgresHung(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.DBQueryTimeout = 500 * time.Millisecond
+	base, pg, it := pgBehindProxy(t, cfg)
+
+	pg.stall()
+	for i := 0; i < 3; i++ {
+		checkUnavailable(t, cfg, "GET", fmt.Sprintf("%s/items/%d", base, it.ID+1000+int64(i)), "")
+	}
+	checkUnavailable(t, cfg, "POST", base+"/items", `{"name":"stalled"}`)
+	pg.resume()
+	waitFor(t, "GET to succeed after PostgreSQL answers again", func() bool {
+		return do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "").status == http.StatusOK
+	})
+}
+
+// TestHandMadeTable: a table created by hand with the original design's
+// `id SERIAL PRIMARY KEY` (an int4 id) is kept and works, including ids
+// beyond int4's range.
+func TestHandMadeTable(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	first := newTestStore(t, cfg, log)
+	if _, err := first.db.ExecContext(t.Context(), "DROP TABLE items; CREATE TABLE items (id SERIAL PRIMARY KEY, name TEXT NOT NULL, description TEXT)"); err != nil {
+		t.Fatal(err)
+	}
+	store, err := openStore(t.Context(), cfg, log) // applies schema.sql over it
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	var idType string
+	if err := store.db.QueryRowContext(t.Context(),
+		"SELECT data_type FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'items' AND column_name = 'id'",
+		cfg.DBSchema).Scan(&idType); err != nil || idType != "integer" {
+		t.Fatalf("id column type: got %q, %v; want the hand-made integer kept", idType, err)
+	}
+	base := testServer(t, log, store, newTestCache(t, cfg, log))
+	it := createItem(t, base, `{"name":"serial"}`)
+	if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), ""); res.status != 200 {
+		t.Errorf("GET: got %d %s; want 200", res.status, res.body)
+	}
+	if res := do(t, "GET", base+"/items/5000000000", ""); res.status != 404 {
+		t.Errorf("GET id beyond int4: got %d %s; want 404", res.status, res.body)
+	}
+}
+
+// TestSchemaIsolation: a test's schema holds its own items table, so the
+// default schema's table (a running stack's) is never touched.
+func TestSchemaIsolation(t *testing.T) {
+	cfg := testConfig(t)
+	store := newTestStore(t, cfg, newLogBuffer(t).logger())
+	var schema string
+	if err := store.db.QueryRowContext(t.Context(), "SELECT current_schema()").Scan(&schema); err != nil || schema != cfg.DBSchema {
+		t.Errorf("current_schema(): got %q, %v; want %q", schema, err, cfg.DBSchema)
+	}
+}
+
+func TestClassify(t *testing.T) {
+	tests := []struct {
+		err             error
+		wantUnavailable bool
+	}{
+		{context.DeadlineExceeded, true},
+		{&net.OpError{Op: "dial", Err: errors.New("connection refused")}, true},
+		{&pgconn.PgError{Code: "57P01"}, true},  // admin_shutdown
+		{&pgconn.PgError{Code: "57014"}, true},  // query_canceled
+		{&pgconn.PgError{Code: "53300"}, true},  // too_many_connections
+		{&pgconn.PgError{Code: "08006"}, true},  // connection_failure
+		{&pgconn.PgError{Code: "42P01"}, false}, // undefined_table: a bug, not an outage
+		{&pgconn.PgError{Code: "28P01"}, false}, // invalid_password: configuration
+		{errors.New("sql: Scan error"), false},
+	}
+	for _, tc := range tests {
+		if got := errors.Is(classify(tc.err), ErrUnavailable); got != tc.wantUnavailable {
+			t.Errorf("classify(%v) is ErrUnavailable: got %v; want %v", tc.err, got, tc.wantUnavailable)
+		}
+	}
+}

@@ -1,0 +1,185 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestAPI covers every endpoint and status code of the API, in order, against
+// real PostgreSQL and Redis.
+func TestAPI(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	base := testServer(t, log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))
+	existing := createItem(t, base, `{"name":"existing","description":"d"}`)
+	item := func(id int64) string { return fmt.Sprintf("/items/%d", id) }
+	const ctJSON = "application/json"
+
+	tests := []struct {
+		name       string
+		method     string
+		path       string
+		body       string
+		header     []string // name, value pairs; a body sends Content-Type: application/json unless set here
+		wantStatus int
+		wantBody   string // a substring of the body
+		wantHeader []string
+	}{
+		{"health", "GET", "/health", "", nil, 200, `{"status":"ok"}`, nil},
+		{"ready", "GET", "/ready", "", nil, 200, `{"status":"ok","postgres":"up","redis":"up"}`, nil},
+		{"create", "POST", "/items", `{"name":"pen","description":"blue"}`, nil, 201, `"name":"pen","description":"blue"}`, nil},
+		{"create without description", "POST", "/items", `{"name":"pen"}`, nil, 201, `"description":null}`, nil},
+		{"create with null description", "POST", "/items", `{"name":"pen","description":null}`, nil, 201, `"description":null}`, nil},
+		{"create with empty description", "POST", "/items", `{"name":"pen","description":""}`, nil, 201, `"description":""}`, nil},
+		{"charset parameter", "POST", "/items", `{"name":"pen"}`, []string{"Content-Type", "application/json; charset=utf-8"}, 201, `"name":"pen"`, nil},
+		{"200 two-byte characters", "POST", "/items", `{"name":"` + strings.Repeat("é", 200) + `"}`, nil, 201, `"name":"é`, nil},
+		{"2000-character description", "POST", "/items", `{"name":"n","description":"` + strings.Repeat("d", 2000) + `"}`, nil, 201, `"name":"n"`, nil},
+		{"SQL text stored literally", "POST", "/items", `{"name":"x'); DROP TABLE items;--","description":"\" OR 1=1"}`, nil, 201, `"name":"x'); DROP TABLE items;--","description":"\" OR 1=1"`, nil},
+
+		{"missing name", "POST", "/items", `{"description":"d"}`, nil, 400, `name is required`, nil},
+		{"null name", "POST", "/items", `{"name":null}`, nil, 400, `name is required`, nil},
+		{"blank name", "POST", "/items", `{"name":"  \t"}`, nil, 400, `name must not be blank`, nil},
+		{"name of 201 characters", "POST", "/items", `{"name":"` + strings.Repeat("n", 201) + `"}`, nil, 400, `name must be at most 200 characters`, nil},
+		{"description of 2001 characters", "POST", "/items", `{"name":"n","description":"` + strings.Repeat("é", 2001) + `"}`, nil, 400, `description must be at most 2000 characters`, nil},
+		{"NUL in name", "POST", "/items", `{"name":"a\u0000b"}`, nil, 400, `NUL`, nil},
+		{"malformed JSON", "POST", "/items", `{"name":}`, nil, 400, `not valid JSON`, nil},
+		{"truncated JSON", "POST", "/items", `{"name":"x"`, nil, 400, `not valid JSON`, nil},
+		{"empty body", "POST", "/items", "", []string{"Content-Type", ctJSON}, 400, `empty`, nil},
+		{"trailing data", "POST", "/items", `{"name":"x"}{"name":"y"}`, nil, 400, `single JSON object`, nil},
+		{"trailing garbage", "POST", "/items", `{"name":"x"} x`, nil, 400, `single JSON object`, nil},
+		{"unknown field", "POST", "/items", `{"name":"x","price":3}`, nil, 400, `unknown field \"price\"`, nil},
+		{"wrong type of name", "POST", "/items", `{"name":42}`, nil, 400, `field \"name\" must be a string`, nil},
+		{"wrong type of description", "POST", "/items", `{"name":"x","description":true}`, nil, 400, `field \"description\" must be a string`, nil},
+		{"array body", "POST", "/items", `[{"name":"x"}]`, nil, 400, `must be a JSON object`, nil},
+		{"invalid UTF-8", "POST", "/items", "{\"name\":\"\xff\"}", nil, 400, `UTF-8`, nil},
+		{"body over 1 MiB", "POST", "/items", `{"name":"` + strings.Repeat("x", 1<<20) + `"}`, nil, 413, `1 MiB`, nil},
+		{"form content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "application/x-www-form-urlencoded"}, 415, `Content-Type: application/json`, nil},
+		{"text content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "text/plain"}, 415, `Content-Type: application/json`, nil},
+		{"no content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", ""}, 415, `Content-Type: application/json`, nil},
+
+		{"get", "GET", item(existing.ID), "", nil, 200, fmt.Sprintf(`{"id":%d,"name":"existing","description":"d"}`, existing.ID), nil},
+		{"get missing", "GET", item(existing.ID + 1000), "", nil, 404, `not found`, nil},
+		{"id beyond bigint", "GET", "/items/99999999999999999999", "", nil, 404, `not found`, nil},
+		{"id beyond int4", "GET", "/items/5000000000", "", nil, 404, `not found`, nil},
+		{"id not a number", "GET", "/items/abc", "", nil, 400, `positive integer`, nil},
+		{"id zero", "GET", "/items/0", "", nil, 400, `positive integer`, nil},
+		{"id negative", "GET", "/items/-1", "", nil, 400, `positive integer`, nil},
+		{"id with plus sign", "GET", "/items/+1", "", nil, 400, `positive integer`, nil},
+		{"id with decimals", "GET", "/items/1.5", "", nil, 400, `positive integer`, nil},
+
+		{"unknown path", "GET", "/nope", "", nil, 404, `no such endpoint`, nil},
+		{"unknown nested path", "GET", "/items/1/extra", "", nil, 404, `no such endpoint`, nil},
+		{"wrong method on item", "DELETE", item(existing.ID), "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD"}},
+		{"wrong method on items", "GET", "/items", "", nil, 405, `not allowed`, []string{"Allow", "POST"}},
+		{"wrong method on health", "POST", "/health", "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			res := do(t, tc.method, base+tc.path, tc.body, tc.header...)
+			if res.status != tc.wantStatus {
+				t.Fatalf("%s %s: got %d %s; want %d", tc.method, tc.path, res.status, res.body, tc.wantStatus)
+			}
+			if ct := res.header.Get("Content-Type"); ct != ctJSON {
+				t.Errorf("Content-Type: got %q; want %q", ct, ctJSON)
+			}
+			if !strings.Contains(string(res.body), tc.wantBody) {
+				t.Errorf("body: got %s; want it to contain %s", res.body, tc.wantBody)
+			}
+			if tc.wantStatus >= 400 {
+				errorMessage(t, res)
+			}
+			for i := 0; i+1 < len(tc.wantHeader); i += 2 {
+				if got := res.header.Get(tc.wantHeader[i]); got != tc.wantHeader[i+1] {
+					t.Errorf("%s: got %q; want %q", tc.wantHeader[i], got, tc.wantHeader[i+1])
+				}
+			}
+			if tc.wantStatus == 201 {
+				var it Item
+				if err := json.Unmarshal(res.body, &it); err != nil {
+					t.Fatal(err)
+				}
+				if loc := res.header.Get("Location"); loc != item(it.ID) {
+					t.Errorf("Location: got %q; want %q", loc, item(it.ID))
+				}
+				// What was acknowledged is what is stored.
+				got := do(t, "GET", base+item(it.ID), "")
+				if got.status != 200 || string(got.body) != string(res.body) {
+					t.Errorf("GET after create: got %d %s; want 200 %s", got.status, got.body, res.body)
+				}
+			}
+		})
+	}
+}
+
+// TestFailedCreateWritesNothing: a rejected POST leaves no row behind.
+func TestFailedCreateWritesNothing(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	store := newTestStore(t, cfg, log)
+	base := testServer(t, log, store, newTestCache(t, cfg, log))
+	for _, body := range []string{`{"name":""}`, `{"name":"x","extra":1}`, `{"name":"x"}{}`, `{"name":"` + strings.Repeat("n", 201) + `"}`} {
+		if res := do(t, "POST", base+"/items", body); res.status != 400 {
+			t.Errorf("POST %.40s: got %d; want 400", body, res.status)
+		}
+	}
+	var n int
+	if err := store.db.QueryRowContext(t.Context(), "SELECT count(*) FROM items").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 0 {
+		t.Errorf("rows after rejected POSTs: got %d; want 0", n)
+	}
+}
+
+// TestCacheAside: the first GET is a MISS that fills Redis with the body and
+// the TTL, the second a HIT with byte-identical body; a cached value that
+// does not decode is a MISS and is replaced.
+func TestCacheAside(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.CacheTTL = 90 * time.Second
+	log := newLogBuffer(t).logger()
+	cache := newTestCache(t, cfg, log)
+	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	it := createItem(t, base, `{"name":"cached","description":"<b>&</b>"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	key := cache.Key(it.ID)
+
+	if n, _ := cache.rdb.Exists(t.Context(), key).Result(); n != 0 {
+		t.Fatalf("key %s exists right after POST; want the first GET to be a MISS", key)
+	}
+	miss := do(t, "GET", url, "")
+	hit := do(t, "GET", url, "")
+	if got := miss.header.Get("X-Cache"); got != "MISS" {
+		t.Errorf("first GET: X-Cache %q; want MISS", got)
+	}
+	if got := hit.header.Get("X-Cache"); got != "HIT" {
+		t.Errorf("second GET: X-Cache %q; want HIT", got)
+	}
+	if string(miss.body) != string(hit.body) {
+		t.Errorf("bodies differ: MISS %q, HIT %q", miss.body, hit.body)
+	}
+	stored, err := cache.rdb.Get(t.Context(), key).Result()
+	if err != nil || stored+"\n" != string(miss.body) {
+		t.Errorf("Redis %s: got %q, %v; want the body %q", key, stored, err, miss.body)
+	}
+	ttl, err := cache.rdb.PTTL(t.Context(), key).Result()
+	if err != nil || ttl <= 80*time.Second || ttl > 90*time.Second {
+		t.Errorf("TTL of %s: got %v, %v; want just under CACHE_TTL=90s", key, ttl, err)
+	}
+
+	for _, bad := range []string{"not json", `{"id":999999,"name":"other"}`, `[]`} {
+		if err := cache.rdb.Set(t.Context(), key, bad, time.Minute).Err(); err != nil {
+			t.Fatal(err)
+		}
+		res := do(t, "GET", url, "")
+		if res.status != 200 || res.header.Get("X-Cache") != "MISS" || string(res.body) != string(miss.body) {
+			t.Errorf("GET with cached %q: got %d %s %s; want 200 MISS %s", bad, res.status, res.header.Get("X-Cache"), res.body, miss.body)
+		}
+		if got, _ := cache.rdb.Get(t.Context(), key).Result(); got+"\n" != string(miss.body) {
+			t.Errorf("cached %q was not replaced: Redis has %q", bad, got)
+		}
+	}
+}

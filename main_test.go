@@ -1,0 +1,641 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// The tests run against real PostgreSQL and Redis, reached through the same
+// DB_* and REDIS_* variables as the service (defaults: localhost, appuser,
+// appdb). Each test gets its own PostgreSQL schema and Redis key prefix and
+// removes them when it ends, so a running stack on the same servers is never
+// touched. `go test -short ./...` runs only the tests that need no server.
+
+const startHint = "start them with `docker compose up -d postgres redis`, or point DB_HOST, DB_PORT, DB_USER, " +
+	"DB_PASSWORD, DB_NAME and REDIS_HOST, REDIS_PORT at running servers; `go test -short ./...` skips the tests that need them"
+
+// testConfig is the configuration from the environment, isolated for one
+// test: a fresh schema and key prefix, a free port, short timeouts.
+func testConfig(t *testing.T) Config {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("needs PostgreSQL and Redis; skipped with -short")
+	}
+	cfg, err := loadConfig(os.Getenv)
+	if err != nil {
+		t.Fatalf("configuration from the environment: %v", err)
+	}
+	suffix := randomHex(t)
+	cfg.Port = 0
+	cfg.DBSchema = "test_" + suffix
+	cfg.CacheKeyPrefix = "test:" + suffix + ":item:"
+	cfg.DBConnectTimeout = 5 * time.Second
+	cfg.DBQueryTimeout = time.Second
+	cfg.RedisRetry = 300 * time.Millisecond
+	cfg.ShutdownTimeout = 5 * time.Second
+	cfg.LogLevel = slog.LevelDebug
+	return cfg
+}
+
+func randomHex(t *testing.T) string {
+	t.Helper()
+	b := make([]byte, 6)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// newTestStore opens a store on cfg's schema and drops the schema when the
+// test ends.
+func newTestStore(t *testing.T, cfg Config, log *slog.Logger) *Store {
+	t.Helper()
+	store, err := openStore(t.Context(), cfg, log)
+	if err != nil {
+		t.Fatalf("PostgreSQL at %s:%d (database %s, user %s) is needed: %v\n%s",
+			cfg.DBHost, cfg.DBPort, cfg.DBName, cfg.DBUser, err, startHint)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := store.db.ExecContext(ctx, "DROP SCHEMA IF EXISTS "+cfg.DBSchema+" CASCADE"); err != nil {
+			t.Errorf("drop test schema %s: %v", cfg.DBSchema, err)
+		}
+		store.Close()
+	})
+	return store
+}
+
+// newTestCache opens a cache on cfg's Redis and deletes the test's keys when
+// the test ends. It fails the test if that Redis does not answer.
+func newTestCache(t *testing.T, cfg Config, log *slog.Logger) *Cache {
+	t.Helper()
+	cache := newCache(cfg, log)
+	if err := cache.rdb.Ping(t.Context()).Err(); err != nil {
+		t.Fatalf("Redis at %s is needed: %v\n%s", cfg.redisAddr(), err, startHint)
+	}
+	t.Cleanup(func() {
+		ctx := context.Background()
+		keys, err := cache.rdb.Keys(ctx, cfg.CacheKeyPrefix+"*").Result()
+		if err == nil && len(keys) > 0 {
+			err = cache.rdb.Del(ctx, keys...).Err()
+		}
+		if err != nil {
+			t.Errorf("delete test keys %s*: %v", cfg.CacheKeyPrefix, err)
+		}
+		cache.Close()
+	})
+	return cache
+}
+
+// logBuffer is a goroutine-safe log destination that tests can search.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+	t  *testing.T
+}
+
+func newLogBuffer(t *testing.T) *logBuffer { return &logBuffer{t: t} }
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.t.Output().Write(p)
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func (l *logBuffer) count(s string) int { return strings.Count(l.String(), s) }
+
+func (l *logBuffer) logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// testServer serves the API over real HTTP and returns its base URL.
+func testServer(t *testing.T, log *slog.Logger, store *Store, cache *Cache) string {
+	t.Helper()
+	srv := &http.Server{Handler: newServer(log, store, cache)}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return "http://" + ln.Addr().String()
+}
+
+// response is a finished HTTP exchange.
+type response struct {
+	status  int
+	header  http.Header
+	body    []byte
+	elapsed time.Duration
+}
+
+// do sends one request; a body implies Content-Type: application/json unless
+// headers say otherwise (pairs of name, value).
+func do(t *testing.T, method, url, body string, headers ...string) response {
+	t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(t.Context(), method, url, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Set(headers[i], headers[i+1])
+	}
+	start := time.Now()
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", method, url, err)
+	}
+	return response{status: resp.StatusCode, header: resp.Header, body: b, elapsed: time.Since(start)}
+}
+
+// createItem posts an item and returns it as the API answered it.
+func createItem(t *testing.T, base, body string) Item {
+	t.Helper()
+	res := do(t, "POST", base+"/items", body)
+	if res.status != http.StatusCreated {
+		t.Fatalf("POST /items %s: got %d %s; want 201", body, res.status, res.body)
+	}
+	var it Item
+	if err := json.Unmarshal(res.body, &it); err != nil {
+		t.Fatalf("POST /items: body %s: %v", res.body, err)
+	}
+	return it
+}
+
+// errorMessage checks that body is a JSON error object and returns its message.
+func errorMessage(t *testing.T, res response) string {
+	t.Helper()
+	if ct := res.header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type: got %q; want application/json", ct)
+	}
+	var e errorBody
+	if err := json.Unmarshal(res.body, &e); err != nil || e.Error == "" {
+		t.Errorf("body %q: want {\"error\": \"...\"}", res.body)
+	}
+	return e.Error
+}
+
+// proxy is a TCP proxy in front of a server that a test can cut (every
+// connection closed, new ones dropped at once) or stall (bytes held, nothing
+// answered), to break PostgreSQL or Redis without touching the real server.
+type proxy struct {
+	ln     net.Listener
+	target string
+	held   atomic.Int64 // chunks that arrived while stalled
+
+	mu    sync.Mutex
+	cut   bool
+	gate  chan struct{} // closed while traffic flows
+	conns map[net.Conn]bool
+}
+
+func newProxy(t *testing.T, target string) *proxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{ln: ln, target: target, gate: make(chan struct{}), conns: map[net.Conn]bool{}}
+	close(p.gate)
+	go p.serve()
+	t.Cleanup(func() {
+		p.ln.Close()
+		p.resume()
+		p.setCut(true)
+	})
+	return p
+}
+
+// port is the proxy's port on 127.0.0.1.
+func (p *proxy) port() int { return p.ln.Addr().(*net.TCPAddr).Port }
+
+func (p *proxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		cut := p.cut
+		if !cut {
+			p.conns[c] = true
+		}
+		p.mu.Unlock()
+		if cut {
+			c.Close()
+			continue
+		}
+		go func() {
+			up, err := net.Dial("tcp", p.target)
+			if err != nil {
+				c.Close()
+				return
+			}
+			p.mu.Lock()
+			p.conns[up] = true
+			p.mu.Unlock()
+			go p.pipe(up, c)
+			p.pipe(c, up)
+		}()
+	}
+}
+
+func (p *proxy) pipe(dst, src net.Conn) {
+	defer dst.Close()
+	defer src.Close()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			p.mu.Lock()
+			gate := p.gate
+			p.mu.Unlock()
+			select {
+			case <-gate:
+			default:
+				p.held.Add(1)
+				<-gate
+			}
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// setCut closes every connection and drops new ones (true), or lets
+// connections through again (false).
+func (p *proxy) setCut(cut bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.cut = cut
+	if cut {
+		for c := range p.conns {
+			c.Close()
+		}
+		clear(p.conns)
+	}
+}
+
+// stall holds every byte in both directions until resume.
+func (p *proxy) stall() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.gate:
+		p.gate = make(chan struct{})
+	default:
+	}
+}
+
+func (p *proxy) resume() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	select {
+	case <-p.gate:
+	default:
+		close(p.gate)
+	}
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// startRedis runs a private redis-server on port until stop is called or the
+// test ends. It returns stop.
+func startRedis(t *testing.T, port int) (stop func()) {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Fatalf("redis-server is needed to test Redis outages (apt-get install redis-server): %v", err)
+	}
+	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--protected-mode", "no")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cmd.Process.Kill()
+			cmd.Wait()
+		})
+	}
+	t.Cleanup(stop)
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	for i := 0; i < 100; i++ {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return stop
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("redis-server on %s did not start", addr)
+	return nil
+}
+
+// hungListener accepts connections and never answers: a hung server.
+func hungListener(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			go io.Copy(io.Discard, c)
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// envFrom is a getenv for run: cfg's test settings over the real environment.
+func envFrom(cfg Config, extra ...string) func(string) string {
+	m := map[string]string{
+		"PORT":                 strconv.Itoa(cfg.Port),
+		"DB_HOST":              cfg.DBHost,
+		"DB_PORT":              strconv.Itoa(cfg.DBPort),
+		"DB_SCHEMA":            cfg.DBSchema,
+		"DB_CONNECT_TIMEOUT":   cfg.DBConnectTimeout.String(),
+		"DB_QUERY_TIMEOUT":     cfg.DBQueryTimeout.String(),
+		"REDIS_HOST":           cfg.RedisHost,
+		"REDIS_PORT":           strconv.Itoa(cfg.RedisPort),
+		"REDIS_RETRY_INTERVAL": cfg.RedisRetry.String(),
+		"CACHE_KEY_PREFIX":     cfg.CacheKeyPrefix,
+		"SHUTDOWN_TIMEOUT":     cfg.ShutdownTimeout.String(),
+		"LOG_FORMAT":           "json",
+		"LOG_LEVEL":            "debug",
+	}
+	for i := 0; i+1 < len(extra); i += 2 {
+		m[extra[i]] = extra[i+1]
+	}
+	return func(k string) string {
+		if v, ok := m[k]; ok {
+			return v
+		}
+		return os.Getenv(k)
+	}
+}
+
+// startRun runs the service as main does, with a JSON log, and returns its
+// base URL once it is listening, and a channel with run's result.
+func startRun(t *testing.T, ctx context.Context, getenv func(string) string) (string, <-chan error) {
+	t.Helper()
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"items"}, getenv, pw)
+		pw.Close()
+	}()
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			t.Output().Write(append(sc.Bytes(), '\n'))
+			var line struct{ Msg, Addr string }
+			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
+				addr <- line.Addr
+			}
+		}
+		io.Copy(io.Discard, pr)
+	}()
+	select {
+	case a := <-addr:
+		_, port, _ := net.SplitHostPort(a)
+		return "http://127.0.0.1:" + port, done
+	case err := <-done:
+		t.Fatalf("run returned before listening: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("run did not start listening within 30 s")
+	}
+	return "", nil
+}
+
+// TestRunEndToEnd starts the whole service with run on a free port, as main
+// does, uses it over HTTP, checks its health-check mode, and stops it.
+func TestRunEndToEnd(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	newTestStore(t, cfg, log)
+	newTestCache(t, cfg, log)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	base, done := startRun(t, ctx, envFrom(cfg))
+
+	it := createItem(t, base, `{"name":"end to end"}`)
+	if got := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "").header.Get("X-Cache"); got != "MISS" {
+		t.Errorf("first GET: X-Cache %q; want MISS", got)
+	}
+	if got := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "").header.Get("X-Cache"); got != "HIT" {
+		t.Errorf("second GET: X-Cache %q; want HIT", got)
+	}
+
+	_, port, _ := net.SplitHostPort(strings.TrimPrefix(base, "http://"))
+	if err := run(t.Context(), []string{"items", "healthcheck"}, envFrom(cfg, "PORT", port), io.Discard); err != nil {
+		t.Errorf("healthcheck against a running service: %v; want nil", err)
+	}
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run after cancel: %v; want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return within 10 s of cancel")
+	}
+	if err := run(t.Context(), []string{"items", "healthcheck"}, envFrom(cfg, "PORT", port), io.Discard); err == nil {
+		t.Error("healthcheck against a stopped service: nil; want an error")
+	}
+}
+
+// TestGracefulShutdown cancels run while a request is in flight: the request
+// must finish with its real answer, new connections must be refused, and run
+// must return nil.
+func TestGracefulShutdown(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	store := newTestStore(t, cfg, log)
+	newTestCache(t, cfg, log)
+	it, err := store.CreateItem(t.Context(), "in flight", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
+	cfg.DBHost, cfg.DBPort = "127.0.0.1", pg.port()
+	cfg.DBQueryTimeout = 10 * time.Second
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	base, done := startRun(t, ctx, envFrom(cfg))
+
+	pg.stall()
+	inflight := make(chan response, 1)
+	go func() { inflight <- do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "") }()
+	waitFor(t, "the request to reach PostgreSQL", func() bool { return pg.held.Load() > 0 })
+
+	cancel()
+	waitFor(t, "the listener to close", func() bool {
+		c, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+	select {
+	case err := <-done:
+		t.Fatalf("run returned (%v) while a request was in flight", err)
+	default:
+	}
+	pg.resume()
+
+	res := <-inflight
+	if res.status != http.StatusOK || !strings.Contains(string(res.body), "in flight") {
+		t.Errorf("in-flight request: got %d %s; want 200 with the item", res.status, res.body)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run: %v; want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return within 10 s of the last request")
+	}
+}
+
+// TestRunConfigError: an invalid variable stops the service at startup with
+// a message that names it.
+func TestRunConfigError(t *testing.T) {
+	getenv := func(k string) string {
+		return map[string]string{"CACHE_TTL": "soon", "DB_PASSWORD": "hunter2"}[k]
+	}
+	err := run(t.Context(), []string{"items"}, getenv, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "CACHE_TTL") {
+		t.Fatalf("run with CACHE_TTL=soon: %v; want an error naming CACHE_TTL", err)
+	}
+	if strings.Contains(err.Error(), "hunter2") {
+		t.Errorf("error %q shows the password", err)
+	}
+	if err := run(t.Context(), []string{"items", "serve-please"}, func(string) string { return "" }, io.Discard); err == nil {
+		t.Error("run with an unknown command: nil; want an error")
+	}
+}
+
+// TestStartupWaitsForPostgres: run waits while PostgreSQL is unreachable and
+// starts as soon as it answers; with no PostgreSQL at all it gives up after
+// DB_CONNECT_TIMEOUT with a message that says so.
+func TestStartupWaitsForPostgres(t *testing.T) {
+	cfg := testConfig(t)
+	logs := newLogBuffer(t)
+	newTestStore(t, cfg, logs.logger())
+	newTestCache(t, cfg, logs.logger())
+	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
+	pg.setCut(true)
+	cfg.DBHost, cfg.DBPort = "127.0.0.1", pg.port()
+	cfg.DBConnectTimeout = 20 * time.Second
+
+	go func() {
+		time.Sleep(1500 * time.Millisecond)
+		pg.setCut(false)
+	}()
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	start := time.Now()
+	base, done := startRun(t, ctx, envFrom(cfg))
+	if waited := time.Since(start); waited < time.Second {
+		t.Errorf("run listened after %v, before PostgreSQL was reachable", waited)
+	}
+	if res := do(t, "GET", base+"/ready", ""); res.status != http.StatusOK {
+		t.Errorf("GET /ready after startup: %d %s; want 200", res.status, res.body)
+	}
+	cancel()
+	<-done
+
+	cfg.DBPort = freePort(t)
+	cfg.DBConnectTimeout = 1500 * time.Millisecond
+	start = time.Now()
+	err := run(t.Context(), []string{"items"}, envFrom(cfg), io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "DB_CONNECT_TIMEOUT") {
+		t.Errorf("run with no PostgreSQL: %v; want an error naming DB_CONNECT_TIMEOUT", err)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("run with no PostgreSQL took %v to give up; want about DB_CONNECT_TIMEOUT (1.5 s)", took)
+	}
+}
+
+// waitFor polls cond for up to 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
