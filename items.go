@@ -65,24 +65,24 @@ func checkText(problems map[string]string, field, s string, limit int) {
 // handleCreateItem answers POST /items: 201 with the stored item and a
 // Location header; 400, 413 or 415 for a bad request; 503 if PostgreSQL is
 // unavailable. The new item is not cached: its first GET is a MISS.
-func handleCreateItem(log *slog.Logger, store *Store) http.Handler {
+func handleCreateItem(store *Store) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var in createItemRequest
 		if err := decode(w, r, &in); err != nil {
-			writeError(w, r, log, err)
+			writeError(w, r, err)
 			return
 		}
 		if problems := in.validate(); problems != nil {
-			writeError(w, r, log, invalidFields(problems))
+			writeError(w, r, invalidFields(problems))
 			return
 		}
 		it, err := store.CreateItem(r.Context(), *in.Name, in.Description)
 		if err != nil {
-			writeError(w, r, log, err)
+			writeError(w, r, err)
 			return
 		}
 		w.Header().Set("Location", "/items/"+strconv.FormatInt(it.ID, 10))
-		encode(w, r, log, http.StatusCreated, it)
+		encode(w, r, http.StatusCreated, it)
 	})
 }
 
@@ -93,7 +93,7 @@ func handleGetItem(log *slog.Logger, store *Store, cache *Cache) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, err := parseID(r.PathValue("id"))
 		if err != nil {
-			writeError(w, r, log, err)
+			writeError(w, r, err)
 			return
 		}
 		body, outcome := cache.Get(r.Context(), id)
@@ -113,12 +113,12 @@ func handleGetItem(log *slog.Logger, store *Store, cache *Cache) http.Handler {
 			err = &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("item %d not found", id)}
 		}
 		if err != nil {
-			writeError(w, r, log, err)
+			writeError(w, r, err)
 			return
 		}
 		body, err = json.Marshal(it)
 		if err != nil {
-			writeError(w, r, log, err)
+			writeError(w, r, err)
 			return
 		}
 		if outcome == Miss {

@@ -144,8 +144,8 @@ func newServer(log *slog.Logger, store *Store, cache *Cache) http.Handler {
 // addRoutes lists every route of the API.
 func addRoutes(mux *http.ServeMux, log *slog.Logger, store *Store, cache *Cache) {
 	mux.Handle("GET /health", handleHealth())
-	mux.Handle("GET /ready", handleReady(log, store, cache))
-	mux.Handle("POST /items", handleCreateItem(log, store))
+	mux.Handle("GET /ready", handleReady(store, cache))
+	mux.Handle("POST /items", handleCreateItem(store))
 	mux.Handle("GET /items/{id}", handleGetItem(log, store, cache))
 }
 
@@ -169,7 +169,7 @@ type readiness struct {
 // handleReady is readiness: 200 when PostgreSQL answers, whatever Redis
 // does (the service works without it, and "redis" says how it is); 503
 // when PostgreSQL does not.
-func handleReady(log *slog.Logger, store *Store, cache *Cache) http.Handler {
+func handleReady(store *Store, cache *Cache) http.Handler {
 	upDown := func(err error) string {
 		if err != nil {
 			return "down"
@@ -181,11 +181,11 @@ func handleReady(log *slog.Logger, store *Store, cache *Cache) http.Handler {
 		res := readiness{Status: "ok", Postgres: upDown(pgErr), Redis: upDown(cache.Ping(r.Context()))}
 		status := http.StatusOK
 		if pgErr != nil {
-			log.Warn("not ready: PostgreSQL is not answering", "err", pgErr)
+			noteError(w, pgErr)
 			res.Status, status = "unavailable", http.StatusServiceUnavailable
 			res.Error = "PostgreSQL is not answering; the service cannot serve requests that need it"
 		}
-		encode(w, r, log, status, res)
+		encode(w, r, status, res)
 	})
 }
 
@@ -205,10 +205,10 @@ func writeJSON(w http.ResponseWriter, status int, body []byte) {
 }
 
 // encode sends v as JSON with the given status.
-func encode(w http.ResponseWriter, r *http.Request, log *slog.Logger, status int, v any) {
+func encode(w http.ResponseWriter, r *http.Request, status int, v any) {
 	body, err := json.Marshal(v)
 	if err != nil {
-		writeError(w, r, log, fmt.Errorf("encode %T: %w", v, err))
+		writeError(w, r, fmt.Errorf("encode %T: %w", v, err))
 		return
 	}
 	writeJSON(w, status, body)
@@ -314,29 +314,38 @@ type errorBody struct {
 
 // writeError is the one place that maps an error to a status: *apiError
 // carries its own; ErrNotFound is 404; ErrUnavailable is 503 with
-// Retry-After; anything else is a bug: logged in full, answered with a
-// generic 500 that reveals nothing internal.
-func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
+// Retry-After; anything else is a bug, answered with a generic 500 that
+// reveals nothing internal. The cause of a 5xx goes into the request's log
+// line.
+func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	var ae *apiError
 	switch {
 	case errors.As(err, &ae):
 	case errors.Is(err, ErrNotFound):
 		ae = &apiError{Status: http.StatusNotFound, Message: "not found"}
 	case errors.Is(err, ErrUnavailable):
-		log.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		noteError(w, err)
 		w.Header().Set("Retry-After", "1")
 		ae = &apiError{Status: http.StatusServiceUnavailable, Message: "the database is unavailable; try again shortly"}
 	default:
-		log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
+		noteError(w, err)
 		ae = &apiError{Status: http.StatusInternalServerError, Message: "internal server error"}
 	}
 	body, _ := json.Marshal(errorBody{Error: ae.Message, Fields: ae.Fields})
 	writeJSON(w, ae.Status, body)
 }
 
+// noteError attaches the cause of a failed request to its log line.
+func noteError(w http.ResponseWriter, err error) {
+	if rec, ok := w.(*recorder); ok {
+		rec.err = err
+	}
+}
+
 // logRequests logs one line per request (method, route pattern, path,
-// status, duration, cache outcome), turns a panic into a logged 500, and
-// replaces the mux's plain-text 404 and 405 answers with JSON ones.
+// status, duration, cache outcome, and the cause of a 5xx: a warning for a
+// 503, an error for a 500), turns a panic into a logged 500, and replaces
+// the mux's plain-text 404 and 405 answers with JSON ones.
 func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
@@ -346,19 +355,29 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 				if p == http.ErrAbortHandler {
 					panic(p)
 				}
-				log.Error("panic", "method", r.Method, "path", r.URL.Path, "panic", p, "stack", string(debug.Stack()))
+				err := fmt.Errorf("panic: %v\n%s", p, debug.Stack())
 				if rec.status == 0 {
-					writeError(rec, r, log, errors.New("panic"))
+					writeError(rec, r, err)
 				}
+				rec.err = err
 			}
-			log.LogAttrs(r.Context(), slog.LevelInfo, "request",
+			attrs := [...]slog.Attr{
 				slog.String("method", r.Method),
 				slog.String("route", r.Pattern),
 				slog.String("path", r.URL.Path),
 				slog.Int("status", rec.status),
 				slog.Duration("duration", time.Since(start)),
 				slog.String("cache", w.Header().Get("X-Cache")),
-			)
+				slog.Any("err", rec.err),
+			}
+			level, n := slog.LevelInfo, len(attrs)-1
+			if rec.err != nil {
+				level, n = slog.LevelWarn, len(attrs)
+				if rec.status >= 500 && rec.status != http.StatusServiceUnavailable {
+					level = slog.LevelError
+				}
+			}
+			log.LogAttrs(r.Context(), level, "request", attrs[:n]...)
 		}()
 		next.ServeHTTP(rec, r)
 		if rec.status == 0 {
@@ -375,6 +394,7 @@ type recorder struct {
 	r        *http.Request
 	status   int
 	replaced bool
+	err      error // cause of a 5xx, for the log line
 }
 
 func (rec *recorder) WriteHeader(status int) {

@@ -7,11 +7,13 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"strconv"
@@ -637,5 +639,31 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestInternalErrorsStayInternal: a panic or an unexpected error becomes a
+// 500 with a generic JSON message; the detail goes only to the log.
+func TestInternalErrorsStayInternal(t *testing.T) {
+	logs := newLogBuffer(t)
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /panic", func(http.ResponseWriter, *http.Request) { panic("secret detail") })
+	mux.HandleFunc("GET /fail", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, r, errors.New("pq: secret detail"))
+	})
+	h := logRequests(logs.logger(), mux)
+	for _, path := range []string{"/panic", "/fail"} {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+		res := response{status: rec.Code, header: rec.Header(), body: rec.Body.Bytes()}
+		if res.status != 500 {
+			t.Errorf("GET %s: got %d; want 500", path, res.status)
+		}
+		if msg := errorMessage(t, res); msg != "internal server error" {
+			t.Errorf("GET %s: message %q; want the generic one", path, msg)
+		}
+	}
+	if n := logs.count("level=ERROR msg=request"); n != 2 || logs.count("secret detail") != 2 {
+		t.Errorf("log: want 2 error lines with the detail; got:\n%s", logs)
 	}
 }
