@@ -37,34 +37,25 @@ func checkEndpointsWithoutRedis(t *testing.T, base string) {
 	}
 }
 
-// TestRedisRefusing: nothing listens on the Redis port.
-func TestRedisRefusing(t *testing.T) {
-	cfg := testConfig(t)
-	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
-	logs := newLogBuffer(t)
-	log := logs.logger()
-	cache := newCache(cfg, log)
-	defer cache.Close()
-	base := testServer(t, log, newTestStore(t, cfg, log), cache)
-	checkEndpointsWithoutRedis(t, base)
-	if n := logs.count("redis unavailable"); n != 1 {
-		t.Errorf(`log lines "redis unavailable": got %d; want 1 for the whole outage`, n)
-	}
-}
-
-// TestRedisHung: Redis accepts connections and never answers. Only one
-// request per retry interval may wait for the Redis timeout.
-func TestRedisHung(t *testing.T) {
-	cfg := testConfig(t)
-	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", hungListener(t)
-	logs := newLogBuffer(t)
-	log := logs.logger()
-	cache := newCache(cfg, log)
-	defer cache.Close()
-	base := testServer(t, log, newTestStore(t, cfg, log), cache)
-	checkEndpointsWithoutRedis(t, base)
-	if n := logs.count("redis unavailable"); n != 1 {
-		t.Errorf(`log lines "redis unavailable": got %d; want 1 for the whole outage`, n)
+// TestRedisBroken: Redis refusing connections (nothing listens on its port)
+// or hung (it accepts and never answers). Every endpoint still answers, and
+// the outage is logged once. While hung, only one request per retry interval
+// waits for the Redis timeout.
+func TestRedisBroken(t *testing.T) {
+	for name, port := range map[string]func(*testing.T) int{"refusing": freePort, "hung": hungListener} {
+		t.Run(name, func(t *testing.T) {
+			cfg := testConfig(t)
+			cfg.RedisHost, cfg.RedisPort = "127.0.0.1", port(t)
+			logs := newLogBuffer(t)
+			log := logs.logger()
+			cache := newCache(cfg, log)
+			defer cache.Close()
+			base := testServer(t, log, newTestStore(t, cfg, log), cache)
+			checkEndpointsWithoutRedis(t, base)
+			if n := logs.count("redis unavailable"); n != 1 {
+				t.Errorf(`log lines "redis unavailable": got %d; want 1 for the whole outage`, n)
+			}
+		})
 	}
 }
 
