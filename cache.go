@@ -40,6 +40,8 @@ type Cache struct {
 	// downUntil is zero while Redis is healthy; otherwise the Unix time in
 	// nanoseconds before which Redis is not asked.
 	downUntil atomic.Int64
+	// lastRejectLog is when a refused command was last logged (Unix ns).
+	lastRejectLog atomic.Int64
 }
 
 // newCache makes a Redis client that fails fast: REDIS_TIMEOUT for dial,
@@ -71,7 +73,8 @@ func (c *Cache) Key(id int64) string {
 }
 
 // Get returns the cached body of item id with Hit, or nil with Miss (no
-// such key) or Bypass (Redis not asked, or it failed).
+// such key, or Redis refused the command for this key, as WRONGTYPE does, so
+// that the next Set replaces it) or Bypass (Redis not asked, or it failed).
 func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
 	if !c.allow() {
 		return nil, Bypass
@@ -84,22 +87,29 @@ func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
 	case errors.Is(err, redis.Nil):
 		c.ok()
 		return nil, Miss
+	case isReplyError(err):
+		c.rejected("GET", c.Key(id), err)
+		return nil, Miss
 	}
 	c.failed(ctx, "GET", err)
 	return nil, Bypass
 }
 
-// Set stores body as item id's cached value with the TTL. A failure is
-// logged and skipped.
+// Set stores body as item id's cached value with the TTL, replacing
+// whatever the key held. A failure is logged and skipped.
 func (c *Cache) Set(ctx context.Context, id int64, body []byte) {
 	if !c.allow() {
 		return
 	}
-	if err := c.rdb.Set(ctx, c.Key(id), body, c.ttl).Err(); err != nil {
+	err := c.rdb.Set(ctx, c.Key(id), body, c.ttl).Err()
+	switch {
+	case err == nil:
+		c.ok()
+	case isReplyError(err):
+		c.rejected("SET", c.Key(id), err)
+	default:
 		c.failed(ctx, "SET", err)
-		return
 	}
-	c.ok()
 }
 
 // Ping reports whether Redis answers, for readiness. While the cache is
@@ -148,6 +158,27 @@ func (c *Cache) allow() bool {
 func (c *Cache) ok() {
 	if until := c.downUntil.Load(); until != 0 && c.downUntil.CompareAndSwap(until, 0) {
 		c.log.Info("redis is back; cache re-enabled", "addr", c.rdb.Options().Addr)
+	}
+}
+
+// isReplyError reports whether Redis answered with an error reply (OOM when
+// full, WRONGTYPE for a key of another type...): Redis is reachable, so the
+// cache is not bypassed for it.
+func isReplyError(err error) bool {
+	var re redis.Error
+	return errors.As(err, &re)
+}
+
+// rejectLogInterval bounds the log to one line per interval about commands
+// Redis refuses, so that a full Redis (every SET refused) does not flood it.
+const rejectLogInterval = time.Minute
+
+func (c *Cache) rejected(op, key string, err error) {
+	now := time.Now().UnixNano()
+	last := c.lastRejectLog.Load()
+	if now-last >= int64(rejectLogInterval) && c.lastRejectLog.CompareAndSwap(last, now) {
+		c.log.Warn("redis refused a command; carrying on without the cache for it (logged at most once a minute)",
+			"op", op, "key", key, "err", err)
 	}
 }
 

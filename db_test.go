@@ -15,9 +15,10 @@ import (
 
 // pgBehindProxy returns a server whose PostgreSQL connections go through a
 // proxy the test controls, and an item stored before anything breaks.
-func pgBehindProxy(t *testing.T, cfg Config) (base string, p *proxy, it Item) {
+func pgBehindProxy(t *testing.T, cfg Config) (base string, p *proxy, it Item, logs *logBuffer) {
 	t.Helper()
-	log := newLogBuffer(t).logger()
+	logs = newLogBuffer(t)
+	log := logs.logger()
 	newTestStore(t, cfg, log) // creates the schema, drops it at the end
 	p = newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
 	cfg.DBHost, cfg.DBPort = "127.0.0.1", p.port()
@@ -27,7 +28,7 @@ func pgBehindProxy(t *testing.T, cfg Config) (base string, p *proxy, it Item) {
 	}
 	t.Cleanup(func() { store.Close() })
 	base = testServer(t, log, store, newTestCache(t, cfg, log))
-	return base, p, createItem(t, base, `{"name":"before the outage"}`)
+	return base, p, createItem(t, base, `{"name":"before the outage"}`), logs
 }
 
 // checkUnavailable expects a 503 JSON error within the query timeout (plus
@@ -50,7 +51,7 @@ func checkUnavailable(t *testing.T, cfg Config, method, url, body string) {
 // everything recovers by itself when PostgreSQL is back.
 func TestPostgresLost(t *testing.T) {
 	cfg := testConfig(t)
-	base, pg, cached := pgBehindProxy(t, cfg)
+	base, pg, cached, _ := pgBehindProxy(t, cfg)
 	do(t, "GET", fmt.Sprintf("%s/items/%d", base, cached.ID), "") // fill the cache
 
 	pg.setCut(true)
@@ -79,9 +80,18 @@ func TestPostgresLost(t *testing.T) {
 func TestPostgresHung(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.DBQueryTimeout = 500 * time.Millisecond
-	base, pg, it := pgBehindProxy(t, cfg)
+	base, pg, it, logs := pgBehindProxy(t, cfg)
 
 	pg.stall()
+	// A client that gives up first is logged as such (499), not as an outage.
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("%s/items/%d", base, it.ID+999), nil)
+	if _, err := http.DefaultClient.Do(req); err == nil {
+		t.Error("a request with a 100 ms client timeout succeeded while PostgreSQL was stalled")
+	}
+	waitFor(t, "the abandoned request's log line", func() bool { return logs.count("status=499") == 1 })
+
 	for i := 0; i < 3; i++ {
 		checkUnavailable(t, cfg, "GET", fmt.Sprintf("%s/items/%d", base, it.ID+1000+int64(i)), "")
 	}

@@ -1,8 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -39,6 +43,10 @@ func TestAPI(t *testing.T) {
 		{"2000-character description", "POST", "/items", `{"name":"n","description":"` + strings.Repeat("d", 2000) + `"}`, nil, 201, `"name":"n"`, nil},
 		{"SQL text stored literally", "POST", "/items", `{"name":"x'); DROP TABLE items;--","description":"\" OR 1=1"}`, nil, 201, `"name":"x'); DROP TABLE items;--","description":"\" OR 1=1"`, nil},
 
+		{"valid surrogate pair", "POST", "/items", `{"name":"\ud83d\ude00"}`, nil, 201, `"name":"😀"`, nil},
+		{"escaped backslash before u", "POST", "/items", `{"name":"\\ud800"}`, nil, 201, `"name":"\\ud800"`, nil},
+		{"byte order mark", "POST", "/items", "\xef\xbb\xbf" + `{"name":"bom"}`, nil, 201, `"name":"bom"`, nil},
+
 		{"missing name", "POST", "/items", `{"description":"d"}`, nil, 400, `name is required`, nil},
 		{"null name", "POST", "/items", `{"name":null}`, nil, 400, `name is required`, nil},
 		{"blank name", "POST", "/items", `{"name":"  \t"}`, nil, 400, `name must not be blank`, nil},
@@ -50,6 +58,11 @@ func TestAPI(t *testing.T) {
 		{"empty body", "POST", "/items", "", []string{"Content-Type", ctJSON}, 400, `empty`, nil},
 		{"trailing data", "POST", "/items", `{"name":"x"}{"name":"y"}`, nil, 400, `single JSON object`, nil},
 		{"trailing garbage", "POST", "/items", `{"name":"x"} x`, nil, 400, `single JSON object`, nil},
+		{"field name in another case", "POST", "/items", `{"NAME":"x"}`, nil, 400, `unknown field \"NAME\"`, nil},
+		{"field given twice", "POST", "/items", `{"name":"x","name":"y"}`, nil, 400, `given twice`, nil},
+		{"lone high surrogate", "POST", "/items", `{"name":"a\ud800b"}`, nil, 400, `surrogate`, nil},
+		{"lone low surrogate", "POST", "/items", `{"name":"x","description":"\udc00"}`, nil, 400, `surrogate`, nil},
+		{"null body", "POST", "/items", `null`, nil, 400, `must be a JSON object`, nil},
 		{"unknown field", "POST", "/items", `{"name":"x","price":3}`, nil, 400, `unknown field \"price\"`, nil},
 		{"wrong type of name", "POST", "/items", `{"name":42}`, nil, 400, `field \"name\" must be a string`, nil},
 		{"wrong type of description", "POST", "/items", `{"name":"x","description":true}`, nil, 400, `field \"description\" must be a string`, nil},
@@ -58,6 +71,7 @@ func TestAPI(t *testing.T) {
 		{"body over 1 MiB", "POST", "/items", `{"name":"` + strings.Repeat("x", 1<<20) + `"}`, nil, 413, `1 MiB`, nil},
 		{"form content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "application/x-www-form-urlencoded"}, 415, `Content-Type: application/json`, nil},
 		{"text content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "text/plain"}, 415, `Content-Type: application/json`, nil},
+		{"latin-1 charset", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "application/json; charset=iso-8859-1"}, 415, `UTF-8`, nil},
 		{"no content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", ""}, 415, `Content-Type: application/json`, nil},
 
 		{"get", "GET", item(existing.ID), "", nil, 200, fmt.Sprintf(`{"id":%d,"name":"existing","description":"d"}`, existing.ID), nil},
@@ -69,8 +83,10 @@ func TestAPI(t *testing.T) {
 		{"id negative", "GET", "/items/-1", "", nil, 400, `positive integer`, nil},
 		{"id with plus sign", "GET", "/items/+1", "", nil, 400, `positive integer`, nil},
 		{"id with decimals", "GET", "/items/1.5", "", nil, 400, `positive integer`, nil},
+		{"very long id", "GET", "/items/" + strings.Repeat("9", 2000), "", nil, 404, `not found`, nil},
 
 		{"unknown path", "GET", "/nope", "", nil, 404, `no such endpoint`, nil},
+		{"path to clean", "GET", "/items/../health", "", nil, 307, `served at /health`, []string{"Location", "/health"}},
 		{"unknown nested path", "GET", "/items/1/extra", "", nil, 404, `no such endpoint`, nil},
 		{"wrong method on item", "DELETE", item(existing.ID), "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD"}},
 		{"wrong method on items", "GET", "/items", "", nil, 405, `not allowed`, []string{"Allow", "POST"}},
@@ -170,7 +186,8 @@ func TestCacheAside(t *testing.T) {
 		t.Errorf("TTL of %s: got %v, %v; want just under CACHE_TTL=90s", key, ttl, err)
 	}
 
-	for _, bad := range []string{"not json", `{"id":999999,"name":"other"}`, `[]`} {
+	for _, bad := range []string{"not json", `{"id":999999,"name":"other"}`, `[]`,
+		strings.TrimSuffix(string(miss.body), "}\n") + `,"extra":1}`, strings.TrimSuffix(string(miss.body), "\n") + "  "} {
 		if err := cache.rdb.Set(t.Context(), key, bad, time.Minute).Err(); err != nil {
 			t.Fatal(err)
 		}
@@ -181,5 +198,54 @@ func TestCacheAside(t *testing.T) {
 		if got, _ := cache.rdb.Get(t.Context(), key).Result(); got+"\n" != string(miss.body) {
 			t.Errorf("cached %q was not replaced: Redis has %q", bad, got)
 		}
+	}
+
+	// A key of another type (WRONGTYPE) is a miss for that item, replaced by
+	// the next fill; Redis is not bypassed for the other items.
+	other := createItem(t, base, `{"name":"other"}`)
+	otherURL := fmt.Sprintf("%s/items/%d", base, other.ID)
+	do(t, "GET", otherURL, "")
+	if err := cache.rdb.Del(t.Context(), key).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cache.rdb.HSet(t.Context(), key, "a", "b").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if res := do(t, "GET", url, ""); res.status != 200 || res.header.Get("X-Cache") != "MISS" {
+		t.Errorf("GET with a hash at %s: got %d %s; want 200 MISS", key, res.status, res.header.Get("X-Cache"))
+	}
+	if got := do(t, "GET", otherURL, "").header.Get("X-Cache"); got != "HIT" {
+		t.Errorf("GET of another item after a WRONGTYPE: X-Cache %q; want HIT", got)
+	}
+	if got := do(t, "GET", url, "").header.Get("X-Cache"); got != "HIT" {
+		t.Errorf("GET after the hash was replaced: X-Cache %q; want HIT", got)
+	}
+}
+
+// TestSlowBody: a body shorter than its Content-Length times out with 408 and
+// a message that reveals nothing about the server's addresses.
+func TestSlowBody(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	srv := &http.Server{Handler: newServer(log, newTestStore(t, cfg, log), newTestCache(t, cfg, log)), ReadTimeout: 300 * time.Millisecond}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprint(c, "POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"name\":\"x\"}")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusRequestTimeout || strings.Contains(string(body), "127.0.0.1") {
+		t.Errorf("got %d %s; want 408 without addresses", resp.StatusCode, body)
 	}
 }

@@ -214,24 +214,34 @@ func encode(w http.ResponseWriter, r *http.Request, status int, v any) {
 	writeJSON(w, status, body)
 }
 
-// decode reads a JSON object from the request body into v, strictly: the
-// Content-Type must be JSON, the body at most maxBodyBytes of UTF-8 holding
-// one object with no unknown fields and nothing after it. Its errors are
+// decode reads a JSON object from the request body into v, a pointer to a
+// struct, strictly: the Content-Type must be JSON in UTF-8, the body at most
+// maxBodyBytes holding one object whose keys match v's json tags exactly
+// (case included) and at most once, with nothing after it. Its errors are
 // *apiError with a message that says what to fix.
 func decode(w http.ResponseWriter, r *http.Request, v any) error {
-	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	mt, params, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil || mt != "application/json" {
 		return &apiError{Status: http.StatusUnsupportedMediaType,
 			Message: "the request body must be JSON: send the header Content-Type: application/json"}
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
-	if err != nil {
-		if errors.As(err, new(*http.MaxBytesError)) {
-			return &apiError{Status: http.StatusRequestEntityTooLarge,
-				Message: fmt.Sprintf("the request body must not be larger than %d bytes (1 MiB)", maxBodyBytes)}
-		}
-		return badRequest("could not read the request body: %v", err)
+	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
+		return &apiError{Status: http.StatusUnsupportedMediaType,
+			Message: "JSON must be UTF-8 (RFC 8259): send Content-Type: application/json without another charset"}
 	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	switch {
+	case errors.As(err, new(*http.MaxBytesError)):
+		return &apiError{Status: http.StatusRequestEntityTooLarge,
+			Message: fmt.Sprintf("the request body must not be larger than %d bytes (1 MiB)", maxBodyBytes)}
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return &apiError{Status: http.StatusRequestTimeout,
+			Message: "the request body did not arrive in time; send it whole, with a correct Content-Length"}
+	case err != nil:
+		return badRequest("the request body could not be read whole; check its Content-Length")
+	}
+	// RFC 8259 section 8.1 lets a parser ignore a byte order mark.
+	body = bytes.TrimPrefix(body, []byte("\xef\xbb\xbf"))
 	if !utf8.Valid(body) {
 		return badRequest("the request body must be UTF-8 text")
 	}
@@ -243,7 +253,87 @@ func decode(w http.ResponseWriter, r *http.Request, v any) error {
 	if dec.More() || dec.Decode(&struct{}{}) != io.EOF {
 		return badRequest("the request body must hold a single JSON object, with nothing after it")
 	}
+	if bytes.Equal(bytes.TrimSpace(body), []byte("null")) {
+		return badRequest("the request body must be a JSON object")
+	}
+	if err := checkKeys(body, v); err != nil {
+		return err
+	}
+	if hasLoneSurrogate(body) {
+		return badRequest(`the request body has a \u escape of half a UTF-16 surrogate pair, which is not a character; it cannot be stored as sent`)
+	}
 	return nil
+}
+
+// checkKeys rejects what encoding/json lets through: a key that matches a
+// field of v only case-insensitively ("NAME"), and a key given twice.
+// body must already have decoded into v as an object.
+func checkKeys(body []byte, v any) error {
+	t := reflect.TypeOf(v).Elem()
+	allowed := make(map[string]bool, t.NumField())
+	for i := range t.NumField() {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		allowed[name] = true
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if _, err := dec.Token(); err != nil { // the opening brace
+		return decodeError(err)
+	}
+	seen := make(map[string]bool, len(allowed))
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return decodeError(err)
+		}
+		key, _ := tok.(string)
+		switch {
+		case !allowed[key]:
+			return badRequest("unknown field %q (field names are case-sensitive)", key)
+		case seen[key]:
+			return badRequest("field %q is given twice", key)
+		}
+		seen[key] = true
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return decodeError(err)
+		}
+	}
+	return nil
+}
+
+// hasLoneSurrogate reports whether JSON text holds a \u escape of a UTF-16
+// surrogate that is not part of a high-low pair. encoding/json turns such an
+// escape into U+FFFD, which would store something other than what was sent.
+func hasLoneSurrogate(b []byte) bool {
+	esc := func(i int) (rune, bool) { // the \uXXXX escape at b[i:], if any
+		if i+6 > len(b) || b[i] != '\\' || b[i+1] != 'u' {
+			return 0, false
+		}
+		n, err := strconv.ParseUint(string(b[i+2:i+6]), 16, 32)
+		return rune(n), err == nil
+	}
+	for i := 0; i < len(b); i++ {
+		if b[i] != '\\' {
+			continue
+		}
+		r, ok := esc(i)
+		if !ok {
+			i++ // an escaped character such as \\ or \"
+			continue
+		}
+		switch {
+		case r >= 0xD800 && r < 0xDC00:
+			if lo, ok := esc(i + 6); ok && lo >= 0xDC00 && lo < 0xE000 {
+				i += 11
+				continue
+			}
+			return true
+		case r >= 0xDC00 && r < 0xE000:
+			return true
+		}
+		i += 5
+	}
+	return false
 }
 
 // decodeError turns an encoding/json error into a message a person can act on.
@@ -323,6 +413,10 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, &ae):
 	case errors.Is(err, ErrNotFound):
 		ae = &apiError{Status: http.StatusNotFound, Message: "not found"}
+	case r.Context().Err() != nil:
+		// The client went away (or gave up): nothing is wrong with the
+		// database, and nobody reads this answer. 499 as in nginx's logs.
+		ae = &apiError{Status: 499, Message: "client closed the request"}
 	case errors.Is(err, ErrUnavailable):
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")
@@ -386,9 +480,9 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 	})
 }
 
-// recorder remembers the status for the request log, and swaps the mux's
-// own 404/405 (the only responses written with no route pattern matched)
-// for JSON.
+// recorder remembers the status and error for the request log, and swaps
+// the mux's own answers (the only ones written with no route pattern
+// matched: 404 and 405; and its redirects to a cleaned path) for JSON ones.
 type recorder struct {
 	http.ResponseWriter
 	r        *http.Request
@@ -402,18 +496,26 @@ func (rec *recorder) WriteHeader(status int) {
 		return
 	}
 	rec.status = status
-	if rec.r.Pattern == "" && (status == http.StatusNotFound || status == http.StatusMethodNotAllowed) {
-		rec.replaced = true
-		msg := fmt.Sprintf("no such endpoint: %s %s (the API is listed in README.md)", rec.r.Method, rec.r.URL.Path)
-		if status == http.StatusMethodNotAllowed {
-			msg = fmt.Sprintf("method %s is not allowed on %s; allowed: %s", rec.r.Method, rec.r.URL.Path, rec.Header().Get("Allow"))
-		}
-		rec.Header().Del("X-Content-Type-Options")
-		body, _ := json.Marshal(errorBody{Error: msg})
-		writeJSON(rec.ResponseWriter, status, body)
+	// The handlers never redirect, so every 3xx is the mux's.
+	if !(status >= 300 && status < 400 || rec.r.Pattern == "" && status >= 400) {
+		rec.ResponseWriter.WriteHeader(status)
 		return
 	}
-	rec.ResponseWriter.WriteHeader(status)
+	rec.replaced = true
+	var msg string
+	switch h := rec.Header(); {
+	case status == http.StatusNotFound:
+		msg = fmt.Sprintf("no such endpoint: %s %s (the API is listed in README.md)", rec.r.Method, rec.r.URL.Path)
+	case status == http.StatusMethodNotAllowed:
+		msg = fmt.Sprintf("method %s is not allowed on %s; allowed: %s", rec.r.Method, rec.r.URL.Path, h.Get("Allow"))
+	case h.Get("Location") != "":
+		msg = "this path is served at " + h.Get("Location")
+	default:
+		msg = http.StatusText(status)
+	}
+	rec.Header().Del("X-Content-Type-Options")
+	body, _ := json.Marshal(errorBody{Error: msg})
+	writeJSON(rec.ResponseWriter, status, body)
 }
 
 func (rec *recorder) Write(b []byte) (int, error) {
