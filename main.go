@@ -63,9 +63,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	defer store.Close()
 	cache := newCache(cfg, log)
 	defer cache.Close()
-	if err := cache.Ping(ctx); err != nil {
-		log.Warn("redis is not answering at startup; serving from PostgreSQL until it does", "err", err)
-	}
+	// Redis is optional: if it is down, Ping logs so and the service starts
+	// without it, probing again every REDIS_RETRY_INTERVAL.
+	cache.Ping(ctx)
 
 	ln, err := net.Listen("tcp", ":"+strconv.Itoa(cfg.Port))
 	if err != nil {
