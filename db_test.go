@@ -84,13 +84,18 @@ func TestPostgresHung(t *testing.T) {
 
 	pg.stall()
 	// A client that gives up first is logged as such (499), not as an outage.
-	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("%s/items/%d", base, it.ID+999), nil)
-	if _, err := http.DefaultClient.Do(req); err == nil {
-		t.Error("a request with a 100 ms client timeout succeeded while PostgreSQL was stalled")
+	for _, path := range []string{fmt.Sprintf("/items/%d", it.ID+999), "/ready"} {
+		ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+		req, _ := http.NewRequestWithContext(ctx, "GET", base+path, nil)
+		if _, err := http.DefaultClient.Do(req); err == nil {
+			t.Errorf("GET %s with a 100 ms client timeout succeeded while PostgreSQL was stalled", path)
+		}
+		cancel()
 	}
-	waitFor(t, "the abandoned request's log line", func() bool { return logs.count("status=499") == 1 })
+	waitFor(t, "the abandoned requests' log lines", func() bool { return logs.count("status=499") == 2 })
+	if n := logs.count("level=WARN"); n != 0 {
+		t.Errorf("abandoned requests logged %d warnings; want none (not a database outage)", n)
+	}
 
 	for i := 0; i < 3; i++ {
 		checkUnavailable(t, cfg, "GET", fmt.Sprintf("%s/items/%d", base, it.ID+1000+int64(i)), "")

@@ -72,6 +72,8 @@ func TestAPI(t *testing.T) {
 		{"form content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "application/x-www-form-urlencoded"}, 415, `Content-Type: application/json`, nil},
 		{"text content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "text/plain"}, 415, `Content-Type: application/json`, nil},
 		{"latin-1 charset", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "application/json; charset=iso-8859-1"}, 415, `UTF-8`, nil},
+		{"utf8 charset alias", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "application/json; charset=utf8"}, 201, `"name":"x"`, nil},
+		{"gzip content encoding", "POST", "/items", `{"name":"x"}`, []string{"Content-Encoding", "gzip"}, 415, `uncompressed`, nil},
 		{"no content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", ""}, 415, `Content-Type: application/json`, nil},
 
 		{"get", "GET", item(existing.ID), "", nil, 200, fmt.Sprintf(`{"id":%d,"name":"existing","description":"d"}`, existing.ID), nil},
@@ -88,6 +90,7 @@ func TestAPI(t *testing.T) {
 		{"unknown path", "GET", "/nope", "", nil, 404, `no such endpoint`, nil},
 		{"path to clean", "GET", "/items/../health", "", nil, 307, `served at /health`, []string{"Location", "/health"}},
 		{"unknown nested path", "GET", "/items/1/extra", "", nil, 404, `no such endpoint`, nil},
+		{"escaped slash", "GET", "/items%2F1", "", nil, 404, `GET /items%2F1`, nil},
 		{"wrong method on item", "DELETE", item(existing.ID), "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD"}},
 		{"wrong method on items", "GET", "/items", "", nil, 405, `not allowed`, []string{"Allow", "POST"}},
 		{"wrong method on health", "POST", "/health", "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD"}},
@@ -223,7 +226,8 @@ func TestCacheAside(t *testing.T) {
 }
 
 // TestSlowBody: a body shorter than its Content-Length times out with 408 and
-// a message that reveals nothing about the server's addresses.
+// a message that reveals nothing about the server's addresses; one announced
+// as over 1 MiB is refused at once with 413.
 func TestSlowBody(t *testing.T) {
 	cfg := testConfig(t)
 	log := newLogBuffer(t).logger()
@@ -247,5 +251,17 @@ func TestSlowBody(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusRequestTimeout || strings.Contains(string(body), "127.0.0.1") {
 		t.Errorf("got %d %s; want 408 without addresses", resp.StatusCode, body)
+	}
+
+	c2, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	fmt.Fprint(c2, "POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{")
+	c2.SetReadDeadline(time.Now().Add(200 * time.Millisecond)) // well before ReadTimeout
+	resp, err = http.ReadResponse(bufio.NewReader(c2), nil)
+	if err != nil || resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Errorf("Content-Length of 10 GB: got %v, %v; want an immediate 413", resp, err)
 	}
 }

@@ -178,6 +178,10 @@ func handleReady(store *Store, cache *Cache) http.Handler {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		pgErr := store.Ping(r.Context())
+		if pgErr != nil && r.Context().Err() != nil {
+			writeError(w, r, pgErr) // the client is gone
+			return
+		}
 		res := readiness{Status: "ok", Postgres: upDown(pgErr), Redis: upDown(cache.Ping(r.Context()))}
 		status := http.StatusOK
 		if pgErr != nil {
@@ -191,6 +195,9 @@ func handleReady(store *Store, cache *Cache) http.Handler {
 
 // maxBodyBytes bounds a request body: 1 MiB.
 const maxBodyBytes = 1 << 20
+
+var tooLarge = &apiError{Status: http.StatusRequestEntityTooLarge,
+	Message: fmt.Sprintf("the request body must not be larger than %d bytes (1 MiB)", maxBodyBytes)}
 
 var newline = []byte("\n")
 
@@ -225,15 +232,21 @@ func decode(w http.ResponseWriter, r *http.Request, v any) error {
 		return &apiError{Status: http.StatusUnsupportedMediaType,
 			Message: "the request body must be JSON: send the header Content-Type: application/json"}
 	}
-	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
+	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") && !strings.EqualFold(cs, "utf8") {
 		return &apiError{Status: http.StatusUnsupportedMediaType,
 			Message: "JSON must be UTF-8 (RFC 8259): send Content-Type: application/json without another charset"}
+	}
+	if ce := r.Header.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+		return &apiError{Status: http.StatusUnsupportedMediaType,
+			Message: fmt.Sprintf("Content-Encoding %q is not supported: send the body uncompressed", ce)}
+	}
+	if r.ContentLength > maxBodyBytes {
+		return tooLarge
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	switch {
 	case errors.As(err, new(*http.MaxBytesError)):
-		return &apiError{Status: http.StatusRequestEntityTooLarge,
-			Message: fmt.Sprintf("the request body must not be larger than %d bytes (1 MiB)", maxBodyBytes)}
+		return tooLarge
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		return &apiError{Status: http.StatusRequestTimeout,
 			Message: "the request body did not arrive in time; send it whole, with a correct Content-Length"}
@@ -458,7 +471,7 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 			attrs := [...]slog.Attr{
 				slog.String("method", r.Method),
 				slog.String("route", r.Pattern),
-				slog.String("path", r.URL.Path),
+				slog.String("path", r.URL.EscapedPath()),
 				slog.Int("status", rec.status),
 				slog.Duration("duration", time.Since(start)),
 				slog.String("cache", w.Header().Get("X-Cache")),
@@ -505,9 +518,9 @@ func (rec *recorder) WriteHeader(status int) {
 	var msg string
 	switch h := rec.Header(); {
 	case status == http.StatusNotFound:
-		msg = fmt.Sprintf("no such endpoint: %s %s (the API is listed in README.md)", rec.r.Method, rec.r.URL.Path)
+		msg = fmt.Sprintf("no such endpoint: %s %s (the API is listed in README.md)", rec.r.Method, rec.r.RequestURI)
 	case status == http.StatusMethodNotAllowed:
-		msg = fmt.Sprintf("method %s is not allowed on %s; allowed: %s", rec.r.Method, rec.r.URL.Path, h.Get("Allow"))
+		msg = fmt.Sprintf("method %s is not allowed on %s; allowed: %s", rec.r.Method, rec.r.RequestURI, h.Get("Allow"))
 	case h.Get("Location") != "":
 		msg = "this path is served at " + h.Get("Location")
 	default:
