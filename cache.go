@@ -73,8 +73,8 @@ func (c *Cache) Key(id int64) string {
 }
 
 // Get returns the cached body of item id with Hit, or nil with Miss (no
-// such key, or Redis refused the command for this key, as WRONGTYPE does, so
-// that the next Set replaces it) or Bypass (Redis not asked, or it failed).
+// such key, or a key of another type, WRONGTYPE, which the next Set
+// replaces) or Bypass (Redis not asked, or it failed).
 func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
 	if !c.allow() {
 		return nil, Bypass
@@ -87,7 +87,7 @@ func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
 	case errors.Is(err, redis.Nil):
 		c.ok()
 		return nil, Miss
-	case isReplyError(err):
+	case redis.HasErrorPrefix(err, "WRONGTYPE"):
 		c.rejected("GET", c.Key(id), err)
 		return nil, Miss
 	}
@@ -161,9 +161,9 @@ func (c *Cache) ok() {
 	}
 }
 
-// isReplyError reports whether Redis answered with an error reply (OOM when
-// full, WRONGTYPE for a key of another type...): Redis is reachable, so the
-// cache is not bypassed for it.
+// isReplyError reports whether Redis answered with an error reply, such as
+// OOM when it is full: it is reachable and may still serve reads, so a
+// refused SET does not make the cache bypass Redis.
 func isReplyError(err error) bool {
 	var re redis.Error
 	return errors.As(err, &re)

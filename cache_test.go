@@ -112,3 +112,30 @@ func TestRedisOutageAndRecovery(t *testing.T) {
 		t.Errorf(`log lines "redis is back": got %d; want 1`, n)
 	}
 }
+
+// TestRedisFull: Redis refuses every write (maxmemory reached, noeviction).
+// Reads still work; each GET of an uncached item is a MISS served from
+// PostgreSQL; the refusals are logged once, and Redis is not bypassed.
+func TestRedisFull(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
+	startRedis(t, cfg.RedisPort, "--maxmemory", "1", "--maxmemory-policy", "noeviction")
+	logs := newLogBuffer(t)
+	log := logs.logger()
+	cache := newCache(cfg, log)
+	defer cache.Close()
+	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	it := createItem(t, base, `{"name":"nowhere to cache"}`)
+	for i := 0; i < 10; i++ {
+		res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "")
+		if res.status != http.StatusOK || res.header.Get("X-Cache") != "MISS" {
+			t.Fatalf("GET %d with Redis full: got %d %s; want 200 MISS", i, res.status, res.header.Get("X-Cache"))
+		}
+	}
+	if n := logs.count("redis refused a command"); n != 1 {
+		t.Errorf(`log lines "redis refused a command": got %d; want 1`, n)
+	}
+	if n := logs.count("redis unavailable"); n != 0 {
+		t.Errorf(`log lines "redis unavailable": got %d; want 0 (Redis answers reads)`, n)
+	}
+}

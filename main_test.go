@@ -374,9 +374,9 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
-// startRedis runs a private redis-server on port until stop is called or the
-// test ends. It returns stop.
-func startRedis(t *testing.T, port int) (stop func()) {
+// startRedis runs a private redis-server on port, with extra arguments,
+// until stop is called or the test ends. It returns stop.
+func startRedis(t *testing.T, port int, args ...string) (stop func()) {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
@@ -386,8 +386,8 @@ func startRedis(t *testing.T, port int) (stop func()) {
 		}
 		t.Skipf("redis-server is not installed, so this test cannot start and stop a private Redis: %v", err)
 	}
-	cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--protected-mode", "no")
+	cmd := exec.Command(bin, append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--protected-mode", "no"}, args...)...)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
