@@ -37,6 +37,17 @@ func checkEndpointsWithoutRedis(t *testing.T, base string) {
 	}
 }
 
+// serveWithRedis serves the API with the Redis at cfg's address, a broken or
+// private one whose keys need no cleanup, and returns its URL and log.
+func serveWithRedis(t *testing.T, cfg Config) (string, *logBuffer) {
+	t.Helper()
+	logs := newLogBuffer(t)
+	log := logs.logger()
+	cache := newCache(cfg, log)
+	t.Cleanup(func() { cache.Close() })
+	return testServer(t, log, newTestStore(t, cfg, log), cache), logs
+}
+
 // TestRedisBroken: Redis refusing connections (nothing listens on its port)
 // or hung (it accepts and never answers). Every endpoint still answers, and
 // the outage is logged once. While hung, only one request per retry interval
@@ -46,11 +57,7 @@ func TestRedisBroken(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			cfg := testConfig(t)
 			cfg.RedisHost, cfg.RedisPort = "127.0.0.1", port(t)
-			logs := newLogBuffer(t)
-			log := logs.logger()
-			cache := newCache(cfg, log)
-			defer cache.Close()
-			base := testServer(t, log, newTestStore(t, cfg, log), cache)
+			base, logs := serveWithRedis(t, cfg)
 			checkEndpointsWithoutRedis(t, base)
 			if n := logs.count("redis unavailable"); n != 1 {
 				t.Errorf(`log lines "redis unavailable": got %d; want 1 for the whole outage`, n)
@@ -66,11 +73,7 @@ func TestRedisOutageAndRecovery(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
 	stop := startRedis(t, cfg.RedisPort)
-	logs := newLogBuffer(t)
-	log := logs.logger()
-	cache := newCache(cfg, log)
-	defer cache.Close()
-	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	base, logs := serveWithRedis(t, cfg)
 	it := createItem(t, base, `{"name":"survivor"}`)
 	url := fmt.Sprintf("%s/items/%d", base, it.ID)
 	cacheHeader := func() string {
@@ -120,11 +123,7 @@ func TestRedisFull(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
 	startRedis(t, cfg.RedisPort, "--maxmemory", "1", "--maxmemory-policy", "noeviction")
-	logs := newLogBuffer(t)
-	log := logs.logger()
-	cache := newCache(cfg, log)
-	defer cache.Close()
-	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	base, logs := serveWithRedis(t, cfg)
 	it := createItem(t, base, `{"name":"nowhere to cache"}`)
 	for i := 0; i < 10; i++ {
 		res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "")
