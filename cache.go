@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,6 +32,19 @@ const (
 // Redis again, so a hung Redis costs one timeout per interval rather than
 // one per request (the circuit-breaker pattern). An outage is logged once
 // when it starts and once when it ends.
+//
+// Cached values carry the row's version, "<version>:<json>", and writes
+// leave a tombstone, "<version>:", that outlives any read still in flight.
+// A fill (Fill) only replaces a value or tombstone of a lower or equal
+// version, so a reader that fetched a row before a write committed can never
+// put it back after the write's invalidation. This is the "stale set" race of
+// cache-aside, which Facebook's memcache closes with leases (Nishtala et al.,
+// "Scaling Memcache at Facebook", NSDI 2013, section 3.2.1); the row version
+// plays the lease token's part here, and needs no extra round trip.
+//
+// An invalidation that cannot reach Redis is remembered, and the remembered
+// keys are invalidated before Redis is read again, so an entry that a write
+// could not remove is never served later.
 type Cache struct {
 	rdb    *redis.Client
 	prefix string
@@ -37,15 +52,35 @@ type Cache struct {
 	retry  time.Duration
 	log    *slog.Logger
 
+	// fillWindow bounds the time from the start of a PostgreSQL read to its
+	// fill; tombstoneTTL is long enough that a tombstone outlives it (see
+	// newCache).
+	fillWindow   time.Duration
+	tombstoneTTL time.Duration
+
 	// downUntil is zero while Redis is healthy; otherwise the Unix time in
 	// nanoseconds before which Redis is not asked.
 	downUntil atomic.Int64
 	// lastRejectLog is when a refused command was last logged (Unix ns).
 	lastRejectLog atomic.Int64
+
+	// pending holds the invalidations that did not reach Redis: item id ->
+	// the version below which its cached value is stale. npending is its
+	// length, read without the lock on every Get. If more than maxPending
+	// pile up, they are dropped and overflowed is set: then, once Redis is
+	// back, it is not read for a whole TTL (quarantineUntil, Unix ns), after
+	// which every entry written before the outage has expired.
+	mu              sync.Mutex
+	pending         map[int64]int64
+	overflowed      bool
+	npending        atomic.Int64
+	flushing        atomic.Bool
+	maxPending      int
+	quarantineUntil atomic.Int64
 }
 
 // newCache makes a Redis client that fails fast: REDIS_TIMEOUT for dial,
-// read, write and pool wait, one dial attempt and no command retries.
+// read and write and pool wait, one dial attempt and no command retries.
 // It does not connect; Redis may be absent at startup and appear later.
 func newCache(cfg Config, log *slog.Logger) *Cache {
 	quietRedisOnce.Do(func() { redis.SetLogger(discardLogger{}) })
@@ -64,7 +99,19 @@ func newCache(cfg Config, log *slog.Logger) *Cache {
 		// server; "auto" would send an extra command on every new connection.
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
 	})
-	return &Cache{rdb: rdb, prefix: cfg.CacheKeyPrefix, ttl: cfg.CacheTTL, retry: cfg.RedisRetry, log: log}
+	// A read is bounded by DB_QUERY_TIMEOUT and a fill by REDIS_TIMEOUT
+	// (or it fails and is remembered), so a fill lands within fillWindow of
+	// its read's start, and Fill drops any later one. A tombstone is written
+	// after the commit that made that read stale, so it must live at least
+	// fillWindow plus the fill's own round trip; it lives twice that, and at
+	// least 10 s.
+	fillWindow := cfg.DBQueryTimeout + cfg.RedisTimeout
+	return &Cache{rdb: rdb, prefix: cfg.CacheKeyPrefix, ttl: cfg.CacheTTL, retry: cfg.RedisRetry, log: log,
+		fillWindow:   fillWindow,
+		tombstoneTTL: max(10*time.Second, 2*(fillWindow+2*cfg.RedisTimeout)),
+		pending:      map[int64]int64{},
+		maxPending:   100_000,
+	}
 }
 
 // Key is the Redis key of item id.
@@ -73,17 +120,22 @@ func (c *Cache) Key(id int64) string {
 }
 
 // Get returns the cached body of item id with Hit, or nil with Miss (no
-// such key, or a key of another type, WRONGTYPE, which the next Set
-// replaces) or Bypass (Redis not asked, or it failed).
+// such key, a tombstone, a value this service did not write, or a key of
+// another type, WRONGTYPE, which the next Fill replaces) or Bypass (Redis
+// not asked, or it failed). Invalidations that failed earlier are retried
+// first; until they succeed, Redis is not read.
 func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
-	if !c.allow() {
+	if c.quarantined() || !c.allow() || !c.flushPending(ctx) {
 		return nil, Bypass
 	}
 	b, err := c.rdb.Get(ctx, c.Key(id)).Bytes()
 	switch {
 	case err == nil:
 		c.ok()
-		return b, Hit
+		if body, ok := cachedBody(b); ok {
+			return body, Hit
+		}
+		return nil, Miss
 	case errors.Is(err, redis.Nil):
 		c.ok()
 		return nil, Miss
@@ -95,21 +147,203 @@ func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
 	return nil, Bypass
 }
 
-// Set stores body as item id's cached value with the TTL, replacing
-// whatever the key held. A failure is logged and skipped.
-func (c *Cache) Set(ctx context.Context, id int64, body []byte) {
-	if !c.allow() {
+// cachedBody returns the JSON of a cached value "<version>:<json>"; ok is
+// false for a tombstone ("<version>:") or anything else.
+func cachedBody(v []byte) (body []byte, ok bool) {
+	i := bytes.IndexByte(v, ':')
+	if i < 1 || i > 19 || i == len(v)-1 || strings.TrimLeft(string(v[:i]), "0123456789") != "" {
+		return nil, false
+	}
+	return v[i+1:], true
+}
+
+// fillScript caches a value unless the key holds a newer one.
+// KEYS[1]: the item's key. ARGV[1]: the version read from PostgreSQL;
+// ARGV[2]: the value, "<version>:<json>"; ARGV[3]: its TTL in ms.
+// A key of another type (pcall returns an error table) is replaced.
+var fillScript = redis.NewScript(`
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'string' then
+  local v = tonumber(string.match(cur, '^(%d+):'))
+  if v and v > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1`)
+
+// invalidateScript replaces the key with a tombstone unless it already
+// holds a value or tombstone at least as new. KEYS[1]: the item's key.
+// ARGV[1]: the lowest version that is not stale; ARGV[2]: the tombstone's
+// TTL in ms.
+var invalidateScript = redis.NewScript(`
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'string' then
+  local v = tonumber(string.match(cur, '^(%d+):'))
+  if v and v >= tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':', 'PX', ARGV[2])
+return 1`)
+
+// Fill caches body, the JSON of it, with the TTL, unless Redis holds a
+// newer version of the item. readStart is when the PostgreSQL read of it
+// began: a fill later than fillWindow after that is dropped, since a
+// tombstone that would stop it may have expired. A fill whose outcome is
+// unknown (a timeout) is remembered as an invalidation, since it may still
+// land.
+func (c *Cache) Fill(ctx context.Context, it Item, body []byte, readStart time.Time) {
+	if time.Since(readStart) > c.fillWindow || c.quarantined() || !c.allow() {
 		return
 	}
-	err := c.rdb.Set(ctx, c.Key(id), body, c.ttl).Err()
+	value := make([]byte, 0, 20+len(body))
+	value = append(strconv.AppendInt(value, it.Version, 10), ':')
+	value = append(value, body...)
+	err := fillScript.Run(ctx, c.rdb, []string{c.Key(it.ID)}, it.Version, value, c.ttl.Milliseconds()).Err()
 	switch {
 	case err == nil:
 		c.ok()
 	case isReplyError(err):
-		c.rejected("SET", c.Key(id), err)
+		c.rejected("fill", c.Key(it.ID), err) // nothing written, e.g. OOM
 	default:
-		c.failed(ctx, "SET", err)
+		c.remember(it.ID, it.Version+1)
+		c.failed(ctx, "fill", err)
 	}
+}
+
+// Invalidate marks item id's cached value stale: every cached version below
+// floor (the version a write just committed, or one more than a deleted
+// row's) is replaced by a tombstone. Use a context that outlives the
+// request: an invalidation must not be cancelled by a client hanging up.
+// If Redis cannot be reached, the invalidation is remembered and done
+// before Redis is read again.
+func (c *Cache) Invalidate(ctx context.Context, id, floor int64) {
+	if !c.allow() {
+		c.remember(id, floor)
+		return
+	}
+	if err := c.invalidate(ctx, map[int64]int64{id: floor}); err != nil {
+		c.remember(id, floor)
+		c.failed(ctx, "invalidate", err)
+		return
+	}
+	c.ok()
+}
+
+// invalidate runs invalidateScript for each id and floor in one pipeline
+// and forgets those remembered at or below the floor. A full Redis
+// (noeviction) refuses scripts that write, so refused keys are deleted with
+// DEL, which it still accepts. The error is nil only if every key was
+// invalidated.
+func (c *Cache) invalidate(ctx context.Context, floors map[int64]int64) error {
+	pipe := c.rdb.Pipeline()
+	cmds := make(map[int64]*redis.Cmd, len(floors))
+	for id, floor := range floors {
+		cmds[id] = invalidateScript.Eval(ctx, pipe, []string{c.Key(id)}, floor, c.tombstoneTTL.Milliseconds())
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !isReplyError(err) {
+		return err
+	}
+	var refused []string
+	var refusedIDs []int64
+	for id, cmd := range cmds {
+		if err := cmd.Err(); err != nil {
+			c.rejected("invalidate", c.Key(id), err)
+			refused, refusedIDs = append(refused, c.Key(id)), append(refusedIDs, id)
+			continue
+		}
+		c.forget(id, floors[id])
+	}
+	if len(refused) > 0 {
+		if err := c.rdb.Del(ctx, refused...).Err(); err != nil {
+			return err
+		}
+		for _, id := range refusedIDs {
+			c.forget(id, floors[id])
+		}
+	}
+	return nil
+}
+
+// remember records an invalidation to do before Redis is read again.
+func (c *Cache) remember(id, floor int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.overflowed {
+		return
+	}
+	if _, ok := c.pending[id]; !ok && len(c.pending) >= c.maxPending {
+		c.log.Warn("too many invalidations missed while Redis was unreachable; once it is back it will not be read for one CACHE_TTL",
+			"max", c.maxPending, "cache_ttl", c.ttl)
+		c.overflowed = true
+		c.pending = map[int64]int64{}
+		c.npending.Store(1)
+		return
+	}
+	c.pending[id] = max(c.pending[id], floor)
+	c.npending.Store(int64(len(c.pending)))
+}
+
+// forget drops a remembered invalidation that one at floor has covered.
+func (c *Cache) forget(id, floor int64) {
+	if c.npending.Load() == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if f, ok := c.pending[id]; ok && f <= floor {
+		delete(c.pending, id)
+		c.npending.Store(int64(len(c.pending)))
+	}
+}
+
+// flushPending does the remembered invalidations, and reports whether none
+// is left, so that Redis may be read. Only one request flushes at a time;
+// the others bypass Redis meanwhile.
+func (c *Cache) flushPending(ctx context.Context) bool {
+	if c.npending.Load() == 0 {
+		return true
+	}
+	if !c.flushing.CompareAndSwap(false, true) {
+		return false
+	}
+	defer c.flushing.Store(false)
+	c.mu.Lock()
+	overflowed := c.overflowed
+	const maxBatch = 1000 // keys per pipeline
+	batch := make(map[int64]int64, min(len(c.pending), maxBatch))
+	for id, floor := range c.pending {
+		if len(batch) == maxBatch {
+			break
+		}
+		batch[id] = floor
+	}
+	c.mu.Unlock()
+
+	if overflowed {
+		if err := c.rdb.Ping(ctx).Err(); err != nil {
+			c.failed(ctx, "PING", err)
+			return false
+		}
+		c.mu.Lock()
+		c.overflowed = false
+		c.npending.Store(int64(len(c.pending)))
+		c.mu.Unlock()
+		c.quarantineUntil.Store(time.Now().Add(c.ttl + c.retry).UnixNano())
+		c.log.Warn("redis is back, but not read until every entry from before the outage has expired",
+			"for", c.ttl+c.retry)
+		return false
+	}
+	if err := c.invalidate(ctx, batch); err != nil {
+		c.failed(ctx, "invalidate", err)
+		return false
+	}
+	c.ok()
+	return c.npending.Load() == 0
+}
+
+// quarantined reports whether Redis must not be read or filled now, after
+// an outage that missed more invalidations than could be remembered.
+func (c *Cache) quarantined() bool {
+	until := c.quarantineUntil.Load()
+	return until != 0 && time.Now().UnixNano() < until
 }
 
 // Ping reports whether Redis answers, for readiness. While the cache is

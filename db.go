@@ -152,29 +152,93 @@ func (s *Store) Ping(ctx context.Context) error {
 	return classify(s.db.PingContext(ctx))
 }
 
-// CreateItem inserts an item and returns it as stored, with its new id.
+// itemColumns are the columns every query returns, in Item's scan order.
+const itemColumns = "id, name, description, version"
+
+func scanItem(row interface{ Scan(...any) error }) (Item, error) {
+	var it Item
+	err := row.Scan(&it.ID, &it.Name, &it.Description, &it.Version)
+	return it, classify(err)
+}
+
+// The statements below compare ids as $1::bigint: a table created by hand
+// with SERIAL has an int4 id, and an int8 parameter compared with it still
+// uses the primary key index, while an int4 parameter would fail to encode
+// ids above 2^31-1.
+
+// CreateItem inserts an item and returns it as stored, with its new id and
+// version 1.
 func (s *Store) CreateItem(ctx context.Context, name string, description *string) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	var it Item
-	err := s.db.QueryRowContext(ctx,
-		"INSERT INTO items (name, description) VALUES ($1, $2) RETURNING id, name, description",
-		name, description).Scan(&it.ID, &it.Name, &it.Description)
-	return it, classify(err)
+	return scanItem(s.db.QueryRowContext(ctx,
+		"INSERT INTO items (name, description) VALUES ($1, $2) RETURNING "+itemColumns,
+		name, description))
 }
 
 // GetItem returns the item with the given id, or ErrNotFound.
 func (s *Store) GetItem(ctx context.Context, id int64) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	var it Item
-	// $1::bigint: a table created by hand with SERIAL has an int4 id, and an
-	// int8 parameter compared with it still uses the primary key index, while
-	// an int4 parameter would fail to encode ids above 2^31-1.
-	err := s.db.QueryRowContext(ctx,
-		"SELECT id, name, description FROM items WHERE id = $1::bigint", id).
-		Scan(&it.ID, &it.Name, &it.Description)
-	return it, classify(err)
+	return scanItem(s.db.QueryRowContext(ctx,
+		"SELECT "+itemColumns+" FROM items WHERE id = $1::bigint", id))
+}
+
+// ListItems returns at most limit items with ids greater than after, in id
+// order: keyset pagination, so a page costs one index range scan however
+// deep it is, and rows created or deleted meanwhile never shift a page.
+func (s *Store) ListItems(ctx context.Context, after int64, limit int) ([]Item, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	rows, err := s.db.QueryContext(ctx,
+		"SELECT "+itemColumns+" FROM items WHERE id > $1::bigint ORDER BY id LIMIT $2", after, limit)
+	if err != nil {
+		return nil, classify(err)
+	}
+	defer rows.Close()
+	list := make([]Item, 0, limit)
+	for rows.Next() {
+		it, err := scanItem(rows)
+		if err != nil {
+			return nil, err
+		}
+		list = append(list, it)
+	}
+	return list, classify(rows.Err())
+}
+
+// ReplaceItem sets both fields of item id (a nil description stores NULL),
+// adds one to its version and returns it as stored, or ErrNotFound.
+func (s *Store) ReplaceItem(ctx context.Context, id int64, name string, description *string) (Item, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	return scanItem(s.db.QueryRowContext(ctx,
+		"UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING "+itemColumns,
+		id, name, description))
+}
+
+// PatchItem changes only the fields given: name if it is not nil, and
+// description if setDescription (to NULL if description is nil). It adds one
+// to the version and returns the item as stored, or ErrNotFound. It is one
+// statement, so concurrent patches of different fields never undo each
+// other.
+func (s *Store) PatchItem(ctx context.Context, id int64, name *string, setDescription bool, description *string) (Item, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	return scanItem(s.db.QueryRowContext(ctx,
+		`UPDATE items SET name = COALESCE($2, name),
+			description = CASE WHEN $3 THEN $4 ELSE description END,
+			version = version + 1
+		WHERE id = $1::bigint RETURNING `+itemColumns,
+		id, name, setDescription, description))
+}
+
+// DeleteItem deletes item id and returns the version it had, or ErrNotFound.
+func (s *Store) DeleteItem(ctx context.Context, id int64) (version int64, err error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	err = s.db.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version)
+	return version, classify(err)
 }
 
 // classify maps sql.ErrNoRows to ErrNotFound and every sign that PostgreSQL

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -91,8 +93,9 @@ func TestAPI(t *testing.T) {
 		{"path to clean", "GET", "/items/../health", "", nil, 307, `served at /health`, []string{"Location", "/health"}},
 		{"unknown nested path", "GET", "/items/1/extra", "", nil, 404, `no such endpoint`, nil},
 		{"escaped slash", "GET", "/items%2F1", "", nil, 404, `GET /items%2F1`, nil},
-		{"wrong method on item", "DELETE", item(existing.ID), "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD"}},
-		{"wrong method on items", "GET", "/items", "", nil, 405, `not allowed`, []string{"Allow", "POST"}},
+		{"wrong method on item", "POST", item(existing.ID), "", nil, 405, `not allowed`, []string{"Allow", "DELETE, GET, HEAD, PATCH, PUT"}},
+		{"wrong method on items", "DELETE", "/items", "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD, POST"}},
+		{"id in a POST", "POST", "/items", `{"id":7,"name":"x"}`, nil, 400, `id is assigned by the server`, nil},
 		{"wrong method on health", "POST", "/health", "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD"}},
 	}
 	for _, tc := range tests {
@@ -180,17 +183,18 @@ func TestCacheAside(t *testing.T) {
 	if string(miss.body) != string(hit.body) {
 		t.Errorf("bodies differ: MISS %q, HIT %q", miss.body, hit.body)
 	}
+	cached := "1:" + strings.TrimSuffix(string(miss.body), "\n") // "<version>:<body>"
 	stored, err := cache.rdb.Get(t.Context(), key).Result()
-	if err != nil || stored+"\n" != string(miss.body) {
-		t.Errorf("Redis %s: got %q, %v; want the body %q", key, stored, err, miss.body)
+	if err != nil || stored != cached {
+		t.Errorf("Redis %s: got %q, %v; want %q, the version and the body", key, stored, err, cached)
 	}
 	ttl, err := cache.rdb.PTTL(t.Context(), key).Result()
 	if err != nil || ttl <= 80*time.Second || ttl > 90*time.Second {
 		t.Errorf("TTL of %s: got %v, %v; want just under CACHE_TTL=90s", key, ttl, err)
 	}
 
-	for _, bad := range []string{"not json", `{"id":999999,"name":"other"}`, `[]`,
-		strings.TrimSuffix(string(miss.body), "}\n") + `,"extra":1}`, strings.TrimSuffix(string(miss.body), "\n") + "  "} {
+	for _, bad := range []string{"not json", "1:not json", `1:{"id":999999,"name":"other"}`, `1:[]`, "1:", "x1:" + cached[2:],
+		strings.TrimSuffix(cached, "}") + `,"extra":1}`, cached + "  ", strings.TrimPrefix(cached, "1:")} {
 		if err := cache.rdb.Set(t.Context(), key, bad, time.Minute).Err(); err != nil {
 			t.Fatal(err)
 		}
@@ -198,7 +202,7 @@ func TestCacheAside(t *testing.T) {
 		if res.status != 200 || res.header.Get("X-Cache") != "MISS" || string(res.body) != string(miss.body) {
 			t.Errorf("GET with cached %q: got %d %s %s; want 200 MISS %s", bad, res.status, res.header.Get("X-Cache"), res.body, miss.body)
 		}
-		if got, _ := cache.rdb.Get(t.Context(), key).Result(); got+"\n" != string(miss.body) {
+		if got, _ := cache.rdb.Get(t.Context(), key).Result(); got != cached {
 			t.Errorf("cached %q was not replaced: Redis has %q", bad, got)
 		}
 	}
@@ -231,7 +235,7 @@ func TestCacheAside(t *testing.T) {
 func TestSlowBody(t *testing.T) {
 	cfg := testConfig(t)
 	log := newLogBuffer(t).logger()
-	srv := &http.Server{Handler: newServer(log, newTestStore(t, cfg, log), newTestCache(t, cfg, log)), ReadTimeout: 300 * time.Millisecond}
+	srv := &http.Server{Handler: newServer(log, newItems(log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))), ReadTimeout: 300 * time.Millisecond}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -263,5 +267,246 @@ func TestSlowBody(t *testing.T) {
 	resp, err = http.ReadResponse(bufio.NewReader(c2), nil)
 	if err != nil || resp.StatusCode != http.StatusRequestEntityTooLarge {
 		t.Errorf("Content-Length of 10 GB: got %v, %v; want an immediate 413", resp, err)
+	}
+}
+
+// TestWrites covers PUT, PATCH and DELETE. Each case writes to a fresh item
+// whose value is cached (HIT) beforehand, then reads it back: after a 2xx the
+// next GET is a MISS with exactly what the write answered (or 404 after a
+// DELETE), and then a HIT; after an error the item is unchanged and still
+// cached.
+func TestWrites(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	base := testServer(t, log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))
+	const merge = "application/merge-patch+json"
+	tests := []struct {
+		name       string
+		method     string
+		path       string // {id} is the fresh item's id
+		body       string
+		header     []string
+		wantStatus int
+		wantBody   string // for 200, the whole body without the id: {"name":...}
+		wantHeader []string
+	}{
+		{"put", "PUT", "{id}", `{"name":"new","description":"d1"}`, nil, 200, `"name":"new","description":"d1"}`, nil},
+		{"put without description", "PUT", "{id}", `{"name":"new"}`, nil, 200, `"name":"new","description":null}`, nil},
+		{"put with the same id", "PUT", "{id}", `{"id":{id},"name":"new"}`, nil, 200, `"name":"new","description":null}`, nil},
+		{"put with another id", "PUT", "{id}", `{"id":1000000,"name":"new"}`, nil, 400, `id must be {id}, the id in the URL, or left out`, nil},
+		{"put without name", "PUT", "{id}", `{"description":"d1"}`, nil, 400, `name is required`, nil},
+		{"put with null name", "PUT", "{id}", `{"name":null}`, nil, 400, `name is required`, nil},
+		{"put with blank name", "PUT", "{id}", `{"name":" "}`, nil, 400, `name must not be blank`, nil},
+		{"put with long name", "PUT", "{id}", `{"name":"` + strings.Repeat("n", 201) + `"}`, nil, 400, `at most 200 characters`, nil},
+		{"put with unknown field", "PUT", "{id}", `{"name":"x","colour":"red"}`, nil, 400, `unknown field \"colour\"`, nil},
+		{"put with malformed JSON", "PUT", "{id}", `{"name":`, nil, 400, `not valid JSON`, nil},
+		{"put with wrong type", "PUT", "{id}", `{"name":["x"]}`, nil, 400, `field \"name\" must be a string`, nil},
+		{"put as form", "PUT", "{id}", `{"name":"x"}`, []string{"Content-Type", "text/plain"}, 415, `Content-Type: application/json`, nil},
+		{"put as merge patch", "PUT", "{id}", `{"name":"x"}`, []string{"Content-Type", merge}, 415, `Content-Type: application/json`, nil},
+		{"put to a missing item", "PUT", "1000000", `{"name":"x"}`, nil, 404, `item 1000000 not found`, nil},
+		{"put to a bad id", "PUT", "abc", `{"name":"x"}`, nil, 400, `positive integer`, nil},
+		{"put to a huge id", "PUT", "99999999999999999999", `{"name":"x"}`, nil, 404, `not found`, nil},
+
+		{"patch name", "PATCH", "{id}", `{"name":"new"}`, nil, 200, `"name":"new","description":"d0"}`, nil},
+		{"patch description", "PATCH", "{id}", `{"description":"d1"}`, nil, 200, `"name":"orig","description":"d1"}`, nil},
+		{"patch clears description", "PATCH", "{id}", `{"description":null}`, nil, 200, `"name":"orig","description":null}`, nil},
+		{"patch both", "PATCH", "{id}", `{"name":"new","description":""}`, []string{"Content-Type", merge}, 200, `"name":"new","description":""}`, nil},
+		{"empty patch", "PATCH", "{id}", `{}`, nil, 200, `"name":"orig","description":"d0"}`, nil},
+		{"merge patch content type", "PATCH", "{id}", `{"name":"new"}`, []string{"Content-Type", merge + "; charset=utf-8"}, 200, `"name":"new","description":"d0"}`, nil},
+		{"patch with the same id", "PATCH", "{id}", `{"id":{id},"name":"new"}`, nil, 200, `"name":"new","description":"d0"}`, nil},
+		{"patch with another id", "PATCH", "{id}", `{"id":1000000}`, nil, 400, `id must be {id}, the id in the URL`, nil},
+		{"patch removing id", "PATCH", "{id}", `{"id":null}`, nil, 400, `id cannot be removed`, nil},
+		{"patch with a fractional id", "PATCH", "{id}", `{"id":1.5}`, nil, 400, `field \"id\" must be an integer`, nil},
+		{"patch removing name", "PATCH", "{id}", `{"name":null}`, nil, 400, `name cannot be removed`, nil},
+		{"patch with blank name", "PATCH", "{id}", `{"name":""}`, nil, 400, `name must not be blank`, nil},
+		{"patch with wrong type", "PATCH", "{id}", `{"name":5}`, nil, 400, `field \"name\" must be a string`, nil},
+		{"patch with two problems", "PATCH", "{id}", `{"name":" ","description":"` + strings.Repeat("d", 2001) + `"}`, nil, 400, `"fields":{"description":"must be at most 2000 characters (got 2001)","name":"must not be blank"}`, nil},
+		{"patch with NUL", "PATCH", "{id}", `{"description":"a\u0000"}`, nil, 400, `NUL`, nil},
+		{"patch with unknown field", "PATCH", "{id}", `{"Name":"x"}`, nil, 400, `unknown field \"Name\"`, nil},
+		{"patch with field twice", "PATCH", "{id}", `{"name":"x","name":"y"}`, nil, 400, `given twice`, nil},
+		{"patch that is not an object", "PATCH", "{id}", `["name"]`, nil, 400, `must be a JSON object`, nil},
+		{"patch that is null", "PATCH", "{id}", `null`, nil, 400, `must be a JSON object`, nil},
+		{"JSON Patch", "PATCH", "{id}", `[{"op":"remove","path":"/name"}]`, []string{"Content-Type", "application/json-patch+json"}, 415, `merge patch`,
+			[]string{"Accept-Patch", "application/merge-patch+json, application/json"}},
+		{"patch to a missing item", "PATCH", "1000000", `{"name":"x"}`, nil, 404, `item 1000000 not found`, nil},
+
+		{"delete", "DELETE", "{id}", "", nil, 204, "", nil},
+		{"delete a missing item", "DELETE", "1000000", "", nil, 404, `item 1000000 not found`, nil},
+		{"delete a bad id", "DELETE", "0", "", nil, 400, `positive integer`, nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			it := createItem(t, base, `{"name":"orig","description":"d0"}`)
+			id := strconv.FormatInt(it.ID, 10)
+			url := base + "/items/" + id
+			if got := do(t, "GET", url, "").header.Get("X-Cache") + " " + do(t, "GET", url, "").header.Get("X-Cache"); got != "MISS HIT" {
+				t.Fatalf("priming the cache: got %s; want MISS HIT", got)
+			}
+			before := do(t, "GET", url, "").body
+			wantBody := strings.ReplaceAll(tc.wantBody, "{id}", id)
+
+			res := do(t, tc.method, base+"/items/"+strings.ReplaceAll(tc.path, "{id}", id), strings.ReplaceAll(tc.body, "{id}", id), tc.header...)
+			if res.status != tc.wantStatus {
+				t.Fatalf("%s: got %d %s; want %d", tc.method, res.status, res.body, tc.wantStatus)
+			}
+			for i := 0; i+1 < len(tc.wantHeader); i += 2 {
+				if got := res.header.Get(tc.wantHeader[i]); got != tc.wantHeader[i+1] {
+					t.Errorf("%s: got %q; want %q", tc.wantHeader[i], got, tc.wantHeader[i+1])
+				}
+			}
+			after := do(t, "GET", url, "")
+			switch {
+			case res.status == 200:
+				if want := `{"id":` + id + `,` + wantBody + "\n"; string(res.body) != want {
+					t.Errorf("body: got %s; want %s", res.body, want)
+				}
+				if after.status != 200 || after.header.Get("X-Cache") != "MISS" || string(after.body) != string(res.body) {
+					t.Errorf("GET after the write: got %d %s %s; want 200 MISS with what the write answered",
+						after.status, after.header.Get("X-Cache"), after.body)
+				}
+				if got := do(t, "GET", url, "").header.Get("X-Cache"); got != "HIT" {
+					t.Errorf("second GET after the write: X-Cache %q; want HIT", got)
+				}
+			case res.status == 204:
+				if len(res.body) != 0 {
+					t.Errorf("204 with a body: %q", res.body)
+				}
+				if after.status != 404 {
+					t.Errorf("GET after DELETE: got %d %s; want 404", after.status, after.body)
+				}
+				if again := do(t, "DELETE", url, ""); again.status != 404 {
+					t.Errorf("second DELETE: got %d; want 404", again.status)
+				}
+			default:
+				if msg := errorMessage(t, res); !strings.Contains(string(res.body), wantBody) {
+					t.Errorf("error: got %s (%q); want it to contain %s", res.body, msg, wantBody)
+				}
+				if after.status != 200 || after.header.Get("X-Cache") != "HIT" || string(after.body) != string(before) {
+					t.Errorf("GET after a refused write: got %d %s %s; want 200 HIT %s (nothing changed)",
+						after.status, after.header.Get("X-Cache"), after.body, before)
+				}
+			}
+		})
+	}
+}
+
+// TestListItems covers GET /items: keyset pages in id order with a Link to
+// the next page, and every kind of bad parameter.
+func TestListItems(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	base := testServer(t, log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))
+	list := func(query string) ([]Item, string) {
+		t.Helper()
+		res := do(t, "GET", base+"/items"+query, "")
+		if res.status != 200 {
+			t.Fatalf("GET /items%s: got %d %s; want 200", query, res.status, res.body)
+		}
+		var items []Item
+		if err := json.Unmarshal(res.body, &items); err != nil || items == nil {
+			t.Fatalf("GET /items%s: body %s is not a JSON array (%v)", query, res.body, err)
+		}
+		return items, res.header.Get("Link")
+	}
+	ids := func(items []Item) []int64 {
+		var out []int64
+		for _, it := range items {
+			out = append(out, it.ID)
+		}
+		return out
+	}
+
+	if items, link := list(""); len(items) != 0 || link != "" {
+		t.Errorf("empty table: got %v, Link %q; want [] and no Link", items, link)
+	}
+	var created []int64
+	for i := range 25 {
+		created = append(created, createItem(t, base, fmt.Sprintf(`{"name":"item %d"}`, i)).ID)
+	}
+	// A deleted item leaves a gap that pages step over.
+	if res := do(t, "DELETE", fmt.Sprintf("%s/items/%d", base, created[3]), ""); res.status != 204 {
+		t.Fatalf("DELETE: got %d", res.status)
+	}
+	created = slices.Delete(created, 3, 4)
+
+	items, link := list("")
+	if !slices.Equal(ids(items), created[:20]) {
+		t.Errorf("default page: got ids %v; want the first 20 %v", ids(items), created[:20])
+	}
+	if want := fmt.Sprintf(`</items?after=%d&limit=20>; rel="next"`, created[19]); link != want {
+		t.Errorf("default page Link: got %q; want %q", link, want)
+	}
+	if items[0].Name != "item 0" || items[0].Description != nil {
+		t.Errorf("first item: got %+v; want item 0 with a null description", items[0])
+	}
+
+	// Following the links visits every item once, in order.
+	var walked []int64
+	query := "?limit=7"
+	for pages := 0; query != ""; pages++ {
+		if pages > 10 {
+			t.Fatal("more than 10 pages of 7 for 24 items")
+		}
+		items, link := list(query)
+		walked = append(walked, ids(items)...)
+		query = ""
+		if link != "" {
+			target, ok := strings.CutPrefix(link, "</items")
+			target, ok2 := strings.CutSuffix(target, `>; rel="next"`)
+			if !ok || !ok2 {
+				t.Fatalf("Link %q is not </items?...>; rel=\"next\"", link)
+			}
+			query = target
+		}
+	}
+	if !slices.Equal(walked, created) {
+		t.Errorf("walking the pages: got %v; want %v", walked, created)
+	}
+
+	last := created[len(created)-1]
+	for _, tc := range []struct {
+		query   string
+		want    []int64
+		hasNext bool
+	}{
+		{"?limit=24", created, false},                                        // exactly the rest: no next page
+		{"?limit=23", created[:23], true},                                    // one short
+		{fmt.Sprintf("?after=%d&limit=5", created[18]), created[19:], false}, // the last 5, exactly
+		{fmt.Sprintf("?after=%d", last), nil, false},                         // after the last
+		{"?after=99999999999999999999", nil, false},                          // after any possible id
+		{"?after=0&limit=1", created[:1], true},
+		{"?limit=100", created, false},
+		{fmt.Sprintf("?after=%d&limit=1", created[2]), created[3:4], true}, // over the gap
+	} {
+		items, link := list(tc.query)
+		if !slices.Equal(ids(items), tc.want) || (link != "") != tc.hasNext {
+			t.Errorf("GET /items%s: got %v, Link %q; want %v, next page %v", tc.query, ids(items), link, tc.want, tc.hasNext)
+		}
+	}
+
+	for query, want := range map[string]string{
+		"?limit=0":                    "limit must be a whole number from 1 to 100",
+		"?limit=101":                  "limit must be a whole number from 1 to 100",
+		"?limit=abc":                  "limit must be a whole number from 1 to 100",
+		"?limit=-1":                   "limit must be a whole number from 1 to 100",
+		"?limit=":                     "limit must be a whole number from 1 to 100",
+		"?limit=1e2":                  "limit must be a whole number from 1 to 100",
+		"?limit=99999999999999999999": "limit must be a whole number from 1 to 100",
+		"?after=abc":                  "after must be an item id",
+		"?after=-5":                   "after must be an item id",
+		"?after=":                     "after must be an item id",
+		"?limit=5&limit=6":            `query parameter \"limit\" is given 2 times`,
+		"?page=2":                     `unknown query parameter \"page\"`,
+		"?limit=5;after=1":            "query string is malformed",
+		"?after=%zz":                  "query string is malformed",
+	} {
+		res := do(t, "GET", base+"/items"+query, "")
+		if res.status != 400 || !strings.Contains(string(res.body), want) {
+			t.Errorf("GET /items%s: got %d %s; want 400 with %q", query, res.status, res.body, want)
+		}
+		errorMessage(t, res)
+	}
+	if res := do(t, "HEAD", base+"/items?limit=1", ""); res.status != 200 || res.header.Get("Link") == "" {
+		t.Errorf("HEAD /items?limit=1: got %d, Link %q; want 200 with a Link", res.status, res.header.Get("Link"))
 	}
 }

@@ -72,7 +72,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		return err
 	}
 	srv := &http.Server{
-		Handler:           newServer(log, store, cache),
+		Handler:           newServer(log, newItems(log, store, cache)),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       15 * time.Second,
 		WriteTimeout:      cfg.DBQueryTimeout + 15*time.Second,
@@ -135,18 +135,22 @@ func healthcheck(ctx context.Context, port int) error {
 // newServer is the HTTP handler of the service: every route, wrapped in
 // request logging, panic recovery and JSON answers for unknown routes and
 // wrong methods.
-func newServer(log *slog.Logger, store *Store, cache *Cache) http.Handler {
+func newServer(log *slog.Logger, items *Items) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, log, store, cache)
+	addRoutes(mux, items)
 	return logRequests(log, mux)
 }
 
 // addRoutes lists every route of the API.
-func addRoutes(mux *http.ServeMux, log *slog.Logger, store *Store, cache *Cache) {
+func addRoutes(mux *http.ServeMux, items *Items) {
 	mux.Handle("GET /health", handleHealth())
-	mux.Handle("GET /ready", handleReady(store, cache))
-	mux.Handle("POST /items", handleCreateItem(store))
-	mux.Handle("GET /items/{id}", handleGetItem(log, store, cache))
+	mux.Handle("GET /ready", handleReady(items.store, items.cache))
+	mux.Handle("GET /items", handleListItems(items))
+	mux.Handle("POST /items", handleCreateItem(items))
+	mux.Handle("GET /items/{id}", handleGetItem(items))
+	mux.Handle("PUT /items/{id}", handleReplaceItem(items))
+	mux.Handle("PATCH /items/{id}", handlePatchItem(items))
+	mux.Handle("DELETE /items/{id}", handleDeleteItem(items))
 }
 
 // handleHealth is liveness: the process serves HTTP. It touches neither
@@ -222,13 +226,26 @@ func encode(w http.ResponseWriter, r *http.Request, status int, v any) {
 }
 
 // decode reads a JSON object from the request body into v, a pointer to a
-// struct, strictly: the Content-Type must be JSON in UTF-8, the body at most
+// struct, strictly: the Content-Type must be JSON in UTF-8 (for PATCH, a
+// JSON merge patch may say application/merge-patch+json), the body at most
 // maxBodyBytes holding one object whose keys match v's json tags exactly
 // (case included) and at most once, with nothing after it. Its errors are
 // *apiError with a message that says what to fix.
 func decode(w http.ResponseWriter, r *http.Request, v any) error {
 	mt, params, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	if err != nil || mt != "application/json" {
+	if r.Method == http.MethodPatch {
+		// RFC 5789 section 3.1: say which patch formats are accepted.
+		w.Header().Set("Accept-Patch", "application/merge-patch+json, application/json")
+		if err == nil && mt == "application/merge-patch+json" {
+			mt = "application/json"
+		}
+	}
+	switch {
+	case err == nil && mt == "application/json":
+	case r.Method == http.MethodPatch:
+		return &apiError{Status: http.StatusUnsupportedMediaType,
+			Message: "PATCH takes a JSON merge patch (RFC 7396): send the header Content-Type: application/merge-patch+json or application/json"}
+	default:
 		return &apiError{Status: http.StatusUnsupportedMediaType,
 			Message: "the request body must be JSON: send the header Content-Type: application/json"}
 	}

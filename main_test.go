@@ -158,7 +158,13 @@ func (l *logBuffer) logger() *slog.Logger {
 // testServer serves the API over real HTTP and returns its base URL.
 func testServer(t *testing.T, log *slog.Logger, store *Store, cache *Cache) string {
 	t.Helper()
-	srv := &http.Server{Handler: newServer(log, store, cache)}
+	return serveItems(t, log, newItems(log, store, cache))
+}
+
+// serveItems is testServer for a test that looks into items.
+func serveItems(t *testing.T, log *slog.Logger, items *Items) string {
+	t.Helper()
+	srv := &http.Server{Handler: newServer(log, items)}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

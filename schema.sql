@@ -6,3 +6,10 @@ CREATE TABLE IF NOT EXISTS items (
     name        TEXT NOT NULL,
     description TEXT
 );
+
+-- version counts the writes to a row: 1 when it is created, one more at
+-- every update. The cache stores it with each item so that a reader that
+-- fetched an older row can never overwrite a newer one in Redis (see
+-- cache.go). It is not part of the API. Added separately so that tables from
+-- before it get it too.
+ALTER TABLE items ADD COLUMN IF NOT EXISTS version BIGINT NOT NULL DEFAULT 1;
