@@ -1,8 +1,12 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -136,5 +140,164 @@ func TestRedisFull(t *testing.T) {
 	}
 	if n := logs.count("redis unavailable"); n != 0 {
 		t.Errorf(`log lines "redis unavailable": got %d; want 0 (Redis answers reads)`, n)
+	}
+}
+
+// TestStaleFillIsRejected plays the cache-aside race step by step: a reader
+// fetches a row, a write commits and invalidates, and only then does the
+// reader fill Redis with what it fetched. The stale fill must not land, for
+// an update or a delete; nor may a fill that comes too long after its read.
+func TestStaleFillIsRejected(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	store := newTestStore(t, cfg, log)
+	cache := newTestCache(t, cfg, log)
+	base := testServer(t, log, store, cache)
+	it := createItem(t, base, `{"name":"v1"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	fillWith := func(old Item) {
+		t.Helper()
+		body, err := json.Marshal(old)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cache.Fill(t.Context(), old, body, time.Now())
+	}
+
+	old, err := store.GetItem(t.Context(), it.ID) // the slow reader's read
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res := do(t, "PUT", url, `{"name":"v2"}`); res.status != 200 {
+		t.Fatalf("PUT: got %d %s", res.status, res.body)
+	}
+	fillWith(old) // after the write's invalidation
+	res := do(t, "GET", url, "")
+	if res.status != 200 || !strings.Contains(string(res.body), `"v2"`) || res.header.Get("X-Cache") != "MISS" {
+		t.Errorf("GET after a stale fill: got %d %s %s; want 200 MISS v2", res.status, res.header.Get("X-Cache"), res.body)
+	}
+	fillWith(old) // over the cached v2
+	if res := do(t, "GET", url, ""); !strings.Contains(string(res.body), `"v2"`) || res.header.Get("X-Cache") != "HIT" {
+		t.Errorf("GET after a stale fill over v2: got %s %s; want HIT v2", res.header.Get("X-Cache"), res.body)
+	}
+
+	old, err = store.GetItem(t.Context(), it.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res := do(t, "DELETE", url, ""); res.status != 204 {
+		t.Fatalf("DELETE: got %d %s", res.status, res.body)
+	}
+	fillWith(old)
+	if res := do(t, "GET", url, ""); res.status != 404 {
+		t.Errorf("GET after a stale fill of a deleted item: got %d %s; want 404", res.status, res.body)
+	}
+	if v, _ := cache.rdb.Get(t.Context(), cache.Key(it.ID)).Result(); v != "3:" {
+		t.Errorf("Redis after DELETE of version 2: got %q; want the tombstone \"3:\"", v)
+	}
+	if ttl := cache.rdb.PTTL(t.Context(), cache.Key(it.ID)).Val(); ttl <= 0 || ttl > cache.tombstoneTTL {
+		t.Errorf("tombstone TTL: got %v; want up to %v", ttl, cache.tombstoneTTL)
+	}
+
+	fresh := createItem(t, base, `{"name":"late"}`)
+	fresh.Version = 1
+	body, _ := json.Marshal(fresh)
+	cache.Fill(t.Context(), fresh, body, time.Now().Add(-cache.fillWindow-time.Second))
+	if n := cache.rdb.Exists(t.Context(), cache.Key(fresh.ID)).Val(); n != 0 {
+		t.Errorf("a fill later than fillWindow after its read was stored")
+	}
+}
+
+// TestNoStaleReadAfterRedisFailure: Redis (a private redis-server behind a
+// proxy) is down, hung, or restarted with its data at the moment of a
+// write, so the write cannot invalidate the cached value. The write still
+// succeeds, and once Redis is reachable again with the old value in it, no
+// GET returns that value; hits resume with the new one.
+func TestNoStaleReadAfterRedisFailure(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		write string // PUT or DELETE
+		args  []string
+		fault func(p *proxy, stopRedis func()) (restore func())
+	}{
+		{"down", "PUT", nil, func(p *proxy, _ func()) func() {
+			p.setCut(true)
+			return func() { p.setCut(false) }
+		}},
+		{"down, delete", "DELETE", nil, func(p *proxy, _ func()) func() {
+			p.setCut(true)
+			return func() { p.setCut(false) }
+		}},
+		// A hung Redis would still run the invalidation when it wakes up;
+		// this one loses it, as one restarted by a supervisor would.
+		{"hung", "PUT", nil, func(p *proxy, _ func()) func() {
+			p.stall()
+			return p.dropHeld
+		}},
+		{"hung, delete", "DELETE", nil, func(p *proxy, _ func()) func() {
+			p.stall()
+			return p.dropHeld
+		}},
+		// Redis that keeps its data (append-only file) restarts: the write
+		// finds it gone, and the old value is back when it returns.
+		{"restarted", "PUT", []string{"--appendonly", "yes", "--appendfsync", "always"}, func(_ *proxy, stop func()) func() {
+			stop()
+			return nil
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := testConfig(t)
+			redisPort := freePort(t)
+			dir := t.TempDir()
+			args := append([]string{"--dir", dir}, tc.args...)
+			stop := startRedis(t, redisPort, args...)
+			p := newProxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(redisPort)))
+			cfg.RedisHost, cfg.RedisPort = "127.0.0.1", p.port()
+			base, logs := serveWithRedis(t, cfg)
+			it := createItem(t, base, `{"name":"old"}`)
+			url := fmt.Sprintf("%s/items/%d", base, it.ID)
+			if got := do(t, "GET", url, "").header.Get("X-Cache") + " " + do(t, "GET", url, "").header.Get("X-Cache"); got != "MISS HIT" {
+				t.Fatalf("before the fault: got %s; want MISS HIT", got)
+			}
+
+			restore := tc.fault(p, stop)
+			body := ""
+			if tc.write == "PUT" {
+				body = `{"name":"new"}`
+			}
+			res := do(t, tc.write, url, body)
+			if res.status/100 != 2 {
+				t.Fatalf("%s with Redis %s: got %d %s; want 2xx", tc.write, tc.name, res.status, res.body)
+			}
+			if res.elapsed > time.Second {
+				t.Errorf("%s with Redis %s took %v; want under 1 s", tc.write, tc.name, res.elapsed)
+			}
+			if restore != nil {
+				restore()
+			} else {
+				startRedis(t, redisPort, args...) // reloads the old value from its file
+			}
+
+			var outcomes []string
+			for start := time.Now(); time.Since(start) < 3*time.Second; time.Sleep(20 * time.Millisecond) {
+				res := do(t, "GET", url, "")
+				outcomes = append(outcomes, res.header.Get("X-Cache"))
+				switch {
+				case tc.write == "DELETE" && res.status != 404:
+					t.Fatalf("GET after DELETE: got %d %s %s; want 404", res.status, res.header.Get("X-Cache"), res.body)
+				case tc.write == "PUT" && (res.status != 200 || !strings.Contains(string(res.body), `"new"`)):
+					t.Fatalf("GET after PUT: got %d %s %s; want 200 with the new name", res.status, res.header.Get("X-Cache"), res.body)
+				}
+				if tc.write == "PUT" && outcomes[len(outcomes)-1] == "HIT" || tc.write == "DELETE" && len(outcomes) > 20 {
+					break
+				}
+			}
+			if tc.write == "PUT" && outcomes[len(outcomes)-1] != "HIT" {
+				t.Errorf("after Redis came back: outcomes %v; want a HIT within 3 s", outcomes)
+			}
+			if n := logs.count("redis unavailable"); n != 1 {
+				t.Errorf(`log lines "redis unavailable": got %d; want 1`, n)
+			}
+		})
 	}
 }

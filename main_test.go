@@ -369,6 +369,14 @@ func (p *proxy) resume() {
 	}
 }
 
+// dropHeld ends a stall by closing every connection: the bytes held are
+// never delivered.
+func (p *proxy) dropHeld() {
+	p.setCut(true)
+	p.resume()
+	p.setCut(false)
+}
+
 // freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
 func freePort(t *testing.T) int {
 	t.Helper()
