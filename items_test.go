@@ -510,3 +510,103 @@ func TestListItems(t *testing.T) {
 		t.Errorf("HEAD /items?limit=1: got %d, Link %q; want 200 with a Link", res.status, res.header.Get("Link"))
 	}
 }
+
+// TestStampede: concurrent GETs of an item that is not cached make one
+// PostgreSQL query between them. The table is locked so that the first
+// query waits until every request has arrived.
+func TestStampede(t *testing.T) {
+	const n = 50
+	cfg := testConfig(t)
+	cfg.DBQueryTimeout = 20 * time.Second
+	log := newLogBuffer(t).logger()
+	store := newTestStore(t, cfg, log)
+	items := newItems(log, store, newTestCache(t, cfg, log))
+	base := serveItems(t, log, items)
+	it := createItem(t, base, `{"name":"cold"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+
+	tx, err := store.db.BeginTx(t.Context(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(t.Context(), "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	results := make(chan response, n)
+	for range n {
+		go func() { results <- do(t, "GET", url, "") }()
+	}
+	waitFor(t, fmt.Sprintf("%d requests to wait for the item", n), func() bool { return items.waiting.Load() == n })
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		res := <-results
+		if res.status != 200 || res.header.Get("X-Cache") != "MISS" || !strings.Contains(string(res.body), `"cold"`) {
+			t.Errorf("concurrent GET: got %d %s %s; want 200 MISS with the item", res.status, res.header.Get("X-Cache"), res.body)
+		}
+	}
+	if got := items.reads.Load(); got != 1 {
+		t.Errorf("PostgreSQL queries for %d concurrent misses: got %d; want 1", n, got)
+	}
+	if got := do(t, "GET", url, "").header.Get("X-Cache"); got != "HIT" {
+		t.Errorf("GET after the stampede: X-Cache %q; want HIT", got)
+	}
+	t.Logf("%d concurrent GETs of a cold item: %d PostgreSQL query", n, items.reads.Load())
+}
+
+// TestNoJoiningAReadFromBeforeAWrite: a GET that arrives after a write has
+// been acknowledged must not share a PostgreSQL read that began before the
+// write, which would answer with the old row.
+func TestNoJoiningAReadFromBeforeAWrite(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.DBQueryTimeout = 20 * time.Second
+	log := newLogBuffer(t).logger()
+	direct := newTestStore(t, cfg, log)
+	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
+	cfg.DBHost, cfg.DBPort = "127.0.0.1", pg.port()
+	cfg.DBMaxConns = 1
+	store, err := openStore(t.Context(), cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	cache := newTestCache(t, cfg, log)
+	items := newItems(log, store, cache)
+	base := serveItems(t, log, items)
+	it := createItem(t, base, `{"name":"old"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	// pgx prepares a statement on its first use; prepare it now, so that the
+	// reply held below is the row itself. Then empty the cache.
+	do(t, "GET", url, "")
+	cache.rdb.Del(t.Context(), cache.Key(it.ID))
+	items.reads.Store(0)
+
+	pg.stallReplies()
+	early := make(chan response, 1)
+	go func() { early <- do(t, "GET", url, "") }()
+	waitFor(t, "the first read's answer", func() bool { return pg.held.Load() > 0 })
+
+	// The write commits (on another connection) and runs its after-commit
+	// step, as Items.Replace does, while that read is still in flight.
+	updated, err := direct.ReplaceItem(t.Context(), it.ID, "new", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	items.written(t.Context(), it.ID, updated.Version, nil)
+
+	late := make(chan response, 1)
+	go func() { late <- do(t, "GET", url, "") }()
+	waitFor(t, "the second GET to start its own read", func() bool { return items.reads.Load() == 2 || items.waiting.Load() == 2 })
+	pg.resume()
+	if res := <-late; res.status != 200 || !strings.Contains(string(res.body), `"new"`) {
+		t.Errorf("GET after the write: got %d %s; want the new name", res.status, res.body)
+	}
+	if res := <-early; res.status != 200 || !strings.Contains(string(res.body), `"old"`) {
+		t.Errorf("GET from before the write: got %d %s; want the old name (it read before the write)", res.status, res.body)
+	}
+	if got := items.reads.Load(); got != 2 {
+		t.Errorf("PostgreSQL reads: got %d; want 2 (the later GET must not share the earlier read)", got)
+	}
+}

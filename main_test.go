@@ -251,10 +251,11 @@ type proxy struct {
 	target string
 	held   atomic.Int64 // chunks that arrived while stalled
 
-	mu    sync.Mutex
-	cut   bool
-	gate  chan struct{} // closed while traffic flows
-	conns map[net.Conn]bool
+	mu          sync.Mutex
+	cut         bool
+	gate        chan struct{} // closed while traffic flows
+	repliesOnly bool          // the stall holds only the server's bytes
+	conns       map[net.Conn]bool
 }
 
 func newProxy(t *testing.T, target string) *proxy {
@@ -302,13 +303,13 @@ func (p *proxy) serve() {
 			p.mu.Lock()
 			p.conns[up] = true
 			p.mu.Unlock()
-			go p.pipe(up, c)
-			p.pipe(c, up)
+			go p.pipe(up, c, false)
+			p.pipe(c, up, true)
 		}()
 	}
 }
 
-func (p *proxy) pipe(dst, src net.Conn) {
+func (p *proxy) pipe(dst, src net.Conn, replies bool) {
 	defer dst.Close()
 	defer src.Close()
 	buf := make([]byte, 32<<10)
@@ -317,12 +318,17 @@ func (p *proxy) pipe(dst, src net.Conn) {
 		if n > 0 {
 			p.mu.Lock()
 			gate := p.gate
+			if p.repliesOnly && !replies {
+				gate = nil
+			}
 			p.mu.Unlock()
-			select {
-			case <-gate:
-			default:
-				p.held.Add(1)
-				<-gate
+			if gate != nil {
+				select {
+				case <-gate:
+				default:
+					p.held.Add(1)
+					<-gate
+				}
 			}
 			if _, err := dst.Write(buf[:n]); err != nil {
 				return
@@ -349,9 +355,16 @@ func (p *proxy) setCut(cut bool) {
 }
 
 // stall holds every byte in both directions until resume.
-func (p *proxy) stall() {
+func (p *proxy) stall() { p.stallWith(false) }
+
+// stallReplies holds the server's bytes until resume, and lets the
+// client's through: the server does what it is asked, and nobody hears.
+func (p *proxy) stallReplies() { p.stallWith(true) }
+
+func (p *proxy) stallWith(repliesOnly bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.repliesOnly = repliesOnly
 	select {
 	case <-p.gate:
 		p.gate = make(chan struct{})
