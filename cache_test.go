@@ -1,12 +1,20 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -297,6 +305,254 @@ func TestNoStaleReadAfterRedisFailure(t *testing.T) {
 			}
 			if n := logs.count("redis unavailable"); n != 1 {
 				t.Errorf(`log lines "redis unavailable": got %d; want 1`, n)
+			}
+		})
+	}
+}
+
+// TestNoStaleReads is the read-after-write check under load, against the
+// real PostgreSQL and Redis: writers update (PUT, PATCH), delete and
+// recreate a few items while readers GET them. Each writer owns its items
+// and numbers its writes in the name; a reader notes the last write
+// acknowledged before its GET began, and the GET must show that write or a
+// later one, and never a deleted item. STRESS_DURATION sets how long it
+// runs (default 3s).
+func TestNoStaleReads(t *testing.T) {
+	duration := 3 * time.Second
+	if v := os.Getenv("STRESS_DURATION"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			t.Fatalf("STRESS_DURATION=%q: %v", v, err)
+		}
+		duration = d
+	}
+	const writers, itemsPerWriter, readers = 4, 2, 8
+	cfg := testConfig(t)
+	cfg.LogLevel = slog.LevelWarn
+	logs := newLogBuffer(t)
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	base := testServer(t, log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: writers + readers}}
+	defer client.CloseIdleConnections()
+	send := func(method, url, body string) (int, string, string, error) {
+		req, err := http.NewRequest(method, url, strings.NewReader(body))
+		if err != nil {
+			return 0, "", "", err
+		}
+		if body != "" {
+			req.Header.Set("Content-Type", "application/json")
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, "", "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), resp.Header.Get("X-Cache"), err
+	}
+
+	// acked is what a slot's owner has been told: the item's id, the
+	// number of its last acknowledged write, and whether it was deleted.
+	type acked struct {
+		id, seq  int64
+		deleting bool // a DELETE has been sent
+		deleted  bool // and acknowledged
+	}
+	slots := make([]atomic.Pointer[acked], writers*itemsPerWriter)
+	create := func(slot int, seq int64) error {
+		status, body, _, err := send("POST", base+"/items", fmt.Sprintf(`{"name":"s%d-%d"}`, slot, seq))
+		var it Item
+		if err == nil && (status != 201 || json.Unmarshal([]byte(body), &it) != nil) {
+			err = fmt.Errorf("POST: %d %s", status, body)
+		}
+		if err == nil {
+			slots[slot].Store(&acked{id: it.ID, seq: seq})
+		}
+		return err
+	}
+	for i := range slots {
+		if err := create(i, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seqOf := func(body string) (int64, bool) {
+		var it Item
+		if json.Unmarshal([]byte(body), &it) != nil {
+			return 0, false
+		}
+		_, n, ok := strings.Cut(it.Name, "-")
+		seq, err := strconv.ParseInt(n, 10, 64)
+		return seq, ok && err == nil
+	}
+
+	ctx, cancel := context.WithTimeout(t.Context(), duration)
+	defer cancel()
+	var wg sync.WaitGroup
+	var writes, reads, hits, stale atomic.Int64
+	var failMu sync.Mutex
+	var failures []string
+	fail := func(format string, args ...any) {
+		failMu.Lock()
+		defer failMu.Unlock()
+		if len(failures) < 20 {
+			failures = append(failures, fmt.Sprintf(format, args...))
+		}
+	}
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 1; ctx.Err() == nil; n++ {
+				slot := w*itemsPerWriter + n%itemsPerWriter
+				cur := slots[slot].Load()
+				seq := cur.seq + 1
+				url := fmt.Sprintf("%s/items/%d", base, cur.id)
+				var status int
+				var body string
+				var err error
+				switch {
+				case n%25 == 0: // delete it, then create its successor
+					slots[slot].Store(&acked{id: cur.id, seq: cur.seq, deleting: true})
+					if status, body, _, err = send("DELETE", url, ""); err == nil && status == 204 {
+						slots[slot].Store(&acked{id: cur.id, seq: cur.seq, deleted: true})
+						err = create(slot, seq)
+					} else if err == nil {
+						err = fmt.Errorf("DELETE: %d %s", status, body)
+					}
+				case n%2 == 0:
+					status, body, _, err = send("PUT", url, fmt.Sprintf(`{"name":"s%d-%d"}`, slot, seq))
+				default:
+					status, body, _, err = send("PATCH", url, fmt.Sprintf(`{"name":"s%d-%d"}`, slot, seq))
+				}
+				if err == nil && n%25 != 0 {
+					if got, ok := seqOf(body); status != 200 || !ok || got != seq {
+						err = fmt.Errorf("%d %s", status, body)
+					} else {
+						slots[slot].Store(&acked{id: cur.id, seq: seq})
+					}
+				}
+				if err != nil {
+					if ctx.Err() == nil {
+						fail("writer %d: %v", w, err)
+					}
+					return
+				}
+				writes.Add(1)
+			}
+		}()
+	}
+	for r := range readers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ctx.Err() == nil; n++ {
+				slot := (r + n*7) % len(slots)
+				before := slots[slot].Load()
+				status, body, xcache, err := send("GET", fmt.Sprintf("%s/items/%d", base, before.id), "")
+				if err != nil {
+					if ctx.Err() == nil {
+						fail("reader %d: %v", r, err)
+					}
+					return
+				}
+				reads.Add(1)
+				if xcache == "HIT" {
+					hits.Add(1)
+				}
+				seq, ok := seqOf(body)
+				switch {
+				case status == 200 && before.deleted:
+					stale.Add(1)
+					fail("stale read: item %d was deleted, then GET answered %s %s", before.id, xcache, body)
+				case status == 200 && (!ok || seq < before.seq):
+					stale.Add(1)
+					fail("stale read: item %d had write %d acknowledged, then GET answered %s %s", before.id, before.seq, xcache, body)
+				case status == 404 && !before.deleted:
+					// Only if it was deleted meanwhile.
+					if now := slots[slot].Load(); now.id == before.id && !now.deleting && !now.deleted {
+						fail("GET of item %d: 404, but it was never deleted", before.id)
+					}
+				case status != 200 && status != 404:
+					fail("GET of item %d: %d %s", before.id, status, body)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("%v: %d acknowledged writes, %d reads (%d hits), %d stale reads", duration, writes.Load(), reads.Load(), hits.Load(), stale.Load())
+	for _, f := range failures {
+		t.Error(f)
+	}
+	if writes.Load() < 100 || hits.Load() == 0 || hits.Load() == reads.Load() {
+		t.Errorf("too little contention to show anything: %d writes, %d reads, %d hits; want 100+ writes and both hits and misses",
+			writes.Load(), reads.Load(), hits.Load())
+	}
+}
+
+// TestNoStaleReadsCatchesBrokenVariants shows that TestNoStaleReads can
+// fail: it copies the package, breaks it as a naive cache-aside would be
+// broken, and runs TestNoStaleReads on the copy, which must report stale
+// reads. Each variant is a replacement that must apply to the source as
+// it is.
+func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs a copy of the package; skipped with -short")
+	}
+	testConfig(t) // skips or fails as the other tests do without servers
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		t.Fatalf("the go command is needed to build the broken variants: %v", err)
+	}
+	type edit struct{ file, old, new string }
+	variants := []struct {
+		name  string
+		edits []edit
+	}{
+		{"invalidation before the commit", []edit{
+			{"items.go", "\tit, err := s.store.ReplaceItem(ctx, id, name, description)\n\ts.written(ctx, id, it.Version, err)\n",
+				"\ts.cache.rdb.Del(ctx, s.cache.Key(id))\n\tit, err := s.store.ReplaceItem(ctx, id, name, description)\n"},
+			{"items.go", "\tit, err := s.store.PatchItem(ctx, id, name, setDescription, description)\n\ts.written(ctx, id, it.Version, err)\n",
+				"\ts.cache.rdb.Del(ctx, s.cache.Key(id))\n\tit, err := s.store.PatchItem(ctx, id, name, setDescription, description)\n"},
+		}},
+		{"fills that ignore versions", []edit{
+			{"cache.go", "  if v and v > tonumber(ARGV[1]) then return 0 end\n", ""},
+		}},
+	}
+	for _, v := range variants {
+		t.Run(v.name, func(t *testing.T) {
+			dir := t.TempDir()
+			files, err := filepath.Glob("*.go")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range append(files, "go.mod", "go.sum", "schema.sql") {
+				b, err := os.ReadFile(f)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, e := range v.edits {
+					if e.file == f {
+						if strings.Count(string(b), e.old) != 1 {
+							t.Fatalf("%s no longer holds %q once; update this variant", f, e.old)
+						}
+						b = []byte(strings.Replace(string(b), e.old, e.new, 1))
+					}
+				}
+				if err := os.WriteFile(filepath.Join(dir, f), b, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cmd := exec.CommandContext(t.Context(), goBin, "test", "-count=1", "-run", "^TestNoStaleReads$", ".")
+			cmd.Dir = dir
+			cmd.Env = append(os.Environ(), "STRESS_DURATION=2s")
+			out, err := cmd.CombinedOutput()
+			if err == nil || !strings.Contains(string(out), "stale read: ") {
+				t.Fatalf("TestNoStaleReads on the variant: %v; want it to fail with stale reads. Output:\n%s", err, out)
+			}
+			for _, line := range strings.Split(string(out), "\n") {
+				if strings.Contains(line, "acknowledged writes") {
+					t.Logf("caught: %s", strings.TrimSpace(line))
+				}
 			}
 		})
 	}
