@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -167,6 +168,38 @@ func TestClassify(t *testing.T) {
 	for _, tc := range tests {
 		if got := errors.Is(classify(tc.err), ErrUnavailable); got != tc.wantUnavailable {
 			t.Errorf("classify(%v) is ErrUnavailable: got %v; want %v", tc.err, got, tc.wantUnavailable)
+		}
+	}
+}
+
+// TestWriteWithUnknownOutcome: PostgreSQL runs a PUT but its answer never
+// arrives, so the client gets a 503 although the change committed. The
+// cached old value must not be served afterwards: a failed write
+// invalidates the item too.
+func TestWriteWithUnknownOutcome(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.DBQueryTimeout = 500 * time.Millisecond
+	cfg.DBMaxConns = 1
+	base, pg, it, _ := pgBehindProxy(t, cfg)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	// pgx prepares a statement on its first use on a connection; prepare the
+	// UPDATE now, so that below only its answer is lost, not the request.
+	if res := do(t, "PUT", url, `{"name":"before the outage"}`); res.status != 200 {
+		t.Fatalf("PUT: got %d %s", res.status, res.body)
+	}
+	if got := do(t, "GET", url, "").header.Get("X-Cache") + " " + do(t, "GET", url, "").header.Get("X-Cache"); got != "MISS HIT" {
+		t.Fatalf("priming the cache: got %s; want MISS HIT", got)
+	}
+
+	pg.stallReplies()
+	checkUnavailable(t, cfg, "PUT", url, `{"name":"committed after all"}`)
+	pg.dropHeld()
+	waitFor(t, "GET to succeed", func() bool { return do(t, "GET", url, "").status == 200 })
+	for i := 0; i < 5; i++ {
+		res := do(t, "GET", url, "")
+		if !strings.Contains(string(res.body), "committed after all") {
+			t.Fatalf("GET after a PUT that timed out but committed: got %d %s %s; want what PostgreSQL holds",
+				res.status, res.header.Get("X-Cache"), res.body)
 		}
 	}
 }
