@@ -274,12 +274,7 @@ func itemNotFound(id int64) error {
 func handleCreateItem(items *Items) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var in itemRequest
-		if err := decode(w, r, &in); err != nil {
-			writeError(w, r, err)
-			return
-		}
-		if problems := in.validate(0); problems != nil {
-			writeError(w, r, invalidFields(problems))
+		if !decodeValid(w, r, &in, 0) {
 			return
 		}
 		it, err := items.Create(r.Context(), *in.Name, in.Description)
@@ -397,12 +392,7 @@ func handleReplaceItem(items *Items) http.Handler {
 			return
 		}
 		var in itemRequest
-		if err := decode(w, r, &in); err != nil {
-			writeError(w, r, err)
-			return
-		}
-		if problems := in.validate(id); problems != nil {
-			writeError(w, r, invalidFields(problems))
+		if !decodeValid(w, r, &in, id) {
 			return
 		}
 		it, err := items.Replace(r.Context(), id, *in.Name, in.Description)
@@ -422,17 +412,27 @@ func handlePatchItem(items *Items) http.Handler {
 			return
 		}
 		var in patchRequest
-		if err := decode(w, r, &in); err != nil {
-			writeError(w, r, err)
-			return
-		}
-		if problems := in.validate(id); problems != nil {
-			writeError(w, r, invalidFields(problems))
+		if !decodeValid(w, r, &in, id) {
 			return
 		}
 		it, err := items.Patch(r.Context(), id, in.Name.Value, in.Description.Set, in.Description.Value)
 		writeItem(w, r, id, it, err)
 	})
+}
+
+// decodeValid decodes the request body into in and validates it against
+// the id in the URL (0 for a POST). If either fails it answers the request
+// (400, 408, 413 or 415) and returns false.
+func decodeValid(w http.ResponseWriter, r *http.Request, in interface{ validate(int64) map[string]string }, pathID int64) bool {
+	if err := decode(w, r, in); err != nil {
+		writeError(w, r, err)
+		return false
+	}
+	if problems := in.validate(pathID); problems != nil {
+		writeError(w, r, invalidFields(problems))
+		return false
+	}
+	return true
 }
 
 // writeItem answers a write of item id: 200 with it, or the error.
