@@ -557,3 +557,54 @@ func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 		})
 	}
 }
+
+// TestTooManyMissedInvalidations: when more invalidations are missed during
+// an outage than the cache remembers, it does not read Redis for one TTL
+// after Redis is back, and so never serves what the writes could not remove.
+func TestTooManyMissedInvalidations(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.CacheTTL = 2 * time.Second
+	redisPort := freePort(t)
+	startRedis(t, redisPort)
+	p := newProxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(redisPort)))
+	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", p.port()
+	logs := newLogBuffer(t)
+	log := logs.logger()
+	cache := newCache(cfg, log)
+	t.Cleanup(func() { cache.Close() })
+	cache.maxPending = 2
+	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+
+	var urls []string
+	for i := range 3 {
+		it := createItem(t, base, fmt.Sprintf(`{"name":"old %d"}`, i))
+		urls = append(urls, fmt.Sprintf("%s/items/%d", base, it.ID))
+		do(t, "GET", urls[i], "") // cached
+	}
+	p.setCut(true)
+	for _, url := range urls {
+		if res := do(t, "PUT", url, `{"name":"new"}`); res.status != 200 {
+			t.Fatalf("PUT with Redis down: got %d %s", res.status, res.body)
+		}
+	}
+	p.setCut(false)
+	if n := logs.count("too many invalidations missed"); n != 1 {
+		t.Errorf(`log lines "too many invalidations missed": got %d; want 1`, n)
+	}
+	var outcomes []string
+	for start := time.Now(); time.Since(start) < 6*time.Second; time.Sleep(50 * time.Millisecond) {
+		for _, url := range urls {
+			res := do(t, "GET", url, "")
+			if !strings.Contains(string(res.body), `"new"`) {
+				t.Fatalf("GET after the outage: got %d %s %s; want the new name", res.status, res.header.Get("X-Cache"), res.body)
+			}
+			outcomes = append(outcomes, res.header.Get("X-Cache"))
+		}
+		if outcomes[len(outcomes)-1] == "HIT" {
+			break
+		}
+	}
+	if outcomes[len(outcomes)-1] != "HIT" {
+		t.Errorf("outcomes after the outage: %v; want BYPASS for about CACHE_TTL, then MISS and HIT", outcomes)
+	}
+}
