@@ -71,6 +71,7 @@ type Cache struct {
 	// back, it is not read for a whole TTL (quarantineUntil, Unix ns), after
 	// which every entry written before the outage has expired.
 	mu              sync.Mutex
+	runID           string // of the Redis server last connected to
 	pending         map[int64]int64
 	overflowed      bool
 	npending        atomic.Int64
@@ -84,7 +85,20 @@ type Cache struct {
 // It does not connect; Redis may be absent at startup and appear later.
 func newCache(cfg Config, log *slog.Logger) *Cache {
 	quietRedisOnce.Do(func() { redis.SetLogger(discardLogger{}) })
-	rdb := redis.NewClient(&redis.Options{
+	// A read is bounded by DB_QUERY_TIMEOUT and a fill by REDIS_TIMEOUT
+	// (or it fails and is remembered), so a fill lands within fillWindow of
+	// its read's start, and Fill drops any later one. A tombstone is written
+	// after the commit that made that read stale, so it must live at least
+	// fillWindow plus the fill's own round trip; it lives twice that, and at
+	// least 10 s.
+	fillWindow := cfg.DBQueryTimeout + cfg.RedisTimeout
+	c := &Cache{prefix: cfg.CacheKeyPrefix, ttl: cfg.CacheTTL, retry: cfg.RedisRetry, log: log,
+		fillWindow:   fillWindow,
+		tombstoneTTL: max(10*time.Second, 2*(fillWindow+2*cfg.RedisTimeout)),
+		pending:      map[int64]int64{},
+		maxPending:   100_000,
+	}
+	c.rdb = redis.NewClient(&redis.Options{
 		Addr:            cfg.redisAddr(),
 		Password:        cfg.RedisPassword,
 		DB:              cfg.RedisDB,
@@ -98,20 +112,51 @@ func newCache(cfg Config, log *slog.Logger) *Cache {
 		// Cluster maintenance notifications do not apply to a single cache
 		// server; "auto" would send an extra command on every new connection.
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
+		OnConnect:                c.onConnect,
 	})
-	// A read is bounded by DB_QUERY_TIMEOUT and a fill by REDIS_TIMEOUT
-	// (or it fails and is remembered), so a fill lands within fillWindow of
-	// its read's start, and Fill drops any later one. A tombstone is written
-	// after the commit that made that read stale, so it must live at least
-	// fillWindow plus the fill's own round trip; it lives twice that, and at
-	// least 10 s.
-	fillWindow := cfg.DBQueryTimeout + cfg.RedisTimeout
-	return &Cache{rdb: rdb, prefix: cfg.CacheKeyPrefix, ttl: cfg.CacheTTL, retry: cfg.RedisRetry, log: log,
-		fillWindow:   fillWindow,
-		tombstoneTTL: max(10*time.Second, 2*(fillWindow+2*cfg.RedisTimeout)),
-		pending:      map[int64]int64{},
-		maxPending:   100_000,
+	return c
+}
+
+// onConnect runs on every new connection to Redis. A Redis that restarted
+// (its run_id changed) and holds keys has reloaded them from disk or from
+// another server: they may predate invalidations it had received, so it is
+// not read until they have expired. go-redis drops dead pooled connections
+// quietly, so this is how a restart between two requests is noticed.
+func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
+	info, err := cn.Info(ctx, "server").Result()
+	if err != nil {
+		return err
 	}
+	_, runID, _ := strings.Cut(info, "run_id:")
+	runID, _, _ = strings.Cut(runID, "\r\n")
+	c.mu.Lock()
+	previous := c.runID
+	c.mu.Unlock()
+	if previous == "" || previous == runID {
+		c.mu.Lock()
+		c.runID = runID
+		c.mu.Unlock()
+		return nil
+	}
+	// Decide before any command runs on this connection; other new
+	// connections decide the same until runID is updated below.
+	keys, err := cn.DBSize(ctx).Result()
+	if err != nil {
+		return err
+	}
+	if keys > 0 {
+		c.quarantineUntil.Store(time.Now().Add(c.ttl + c.retry).UnixNano())
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.runID != runID {
+		c.runID = runID
+		if keys > 0 {
+			c.log.Warn("redis restarted with data it may have reloaded from before invalidations; not read until it has expired",
+				"addr", c.rdb.Options().Addr, "keys", keys, "for", c.ttl+c.retry)
+		}
+	}
+	return nil
 }
 
 // Key is the Redis key of item id.
@@ -130,6 +175,9 @@ func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
 	}
 	b, err := c.rdb.Get(ctx, c.Key(id)).Bytes()
 	switch {
+	case err == nil && c.quarantined():
+		// The GET was the first on a new connection to a restarted Redis.
+		return nil, Bypass
 	case err == nil:
 		c.ok()
 		if body, ok := cachedBody(b); ok {

@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // checkEndpointsWithoutRedis runs every endpoint against a service whose
@@ -218,46 +220,57 @@ func TestStaleFillIsRejected(t *testing.T) {
 
 // TestNoStaleReadAfterRedisFailure: Redis (a private redis-server behind a
 // proxy) is down, hung, or restarted with its data at the moment of a
-// write, so the write cannot invalidate the cached value. The write still
-// succeeds, and once Redis is reachable again with the old value in it, no
-// GET returns that value; hits resume with the new one.
+// write, so the write cannot invalidate the cached value; or it restarts
+// later from a snapshot taken before the write. The write still succeeds,
+// and once Redis is reachable again with the old value in it, no GET
+// returns that value. Hits resume with the new one, at once after an
+// outage, or after CACHE_TTL if Redis came back with data of its own.
 func TestNoStaleReadAfterRedisFailure(t *testing.T) {
+	type redisCtl struct {
+		proxy       *proxy
+		stop, start func()
+		save        func() // SAVE: an RDB snapshot that a restart reloads
+	}
+	cut := func(r redisCtl) func() {
+		r.proxy.setCut(true)
+		return func() { r.proxy.setCut(false) }
+	}
+	// A hung Redis would still run the invalidation when it wakes up; this
+	// one loses it, as one restarted by a supervisor would.
+	hang := func(r redisCtl) func() {
+		r.proxy.stall()
+		return r.proxy.dropHeld
+	}
 	for _, tc := range []struct {
-		name  string
-		write string // PUT or DELETE
-		args  []string
-		fault func(p *proxy, stopRedis func()) (restore func())
+		name        string
+		write       string // PUT or DELETE
+		args        []string
+		fault       func(redisCtl) (restore func())
+		noticed     bool   // the API sees the outage
+		wantOutcome string // X-Cache at the end
 	}{
-		{"down", "PUT", nil, func(p *proxy, _ func()) func() {
-			p.setCut(true)
-			return func() { p.setCut(false) }
-		}},
-		{"down, delete", "DELETE", nil, func(p *proxy, _ func()) func() {
-			p.setCut(true)
-			return func() { p.setCut(false) }
-		}},
-		// A hung Redis would still run the invalidation when it wakes up;
-		// this one loses it, as one restarted by a supervisor would.
-		{"hung", "PUT", nil, func(p *proxy, _ func()) func() {
-			p.stall()
-			return p.dropHeld
-		}},
-		{"hung, delete", "DELETE", nil, func(p *proxy, _ func()) func() {
-			p.stall()
-			return p.dropHeld
-		}},
-		// Redis that keeps its data (append-only file) restarts: the write
-		// finds it gone, and the old value is back when it returns.
-		{"restarted", "PUT", []string{"--appendonly", "yes", "--appendfsync", "always"}, func(_ *proxy, stop func()) func() {
-			stop()
-			return nil
-		}},
+		{"down", "PUT", nil, cut, true, "HIT"},
+		{"down, delete", "DELETE", nil, cut, true, "MISS"},
+		{"hung", "PUT", nil, hang, true, "HIT"},
+		{"hung, delete", "DELETE", nil, hang, true, "MISS"},
+		// Redis that keeps an append-only file restarts: the write finds it
+		// gone, and the old value is back when it returns.
+		{"restarted", "PUT", []string{"--appendonly", "yes", "--appendfsync", "always"}, func(r redisCtl) func() {
+			r.stop()
+			return r.start
+		}, true, "BYPASS"},
+		// Redis takes a snapshot, the write invalidates, and then Redis
+		// restarts from the snapshot between two requests: the API never
+		// sees an error.
+		{"restored from an older snapshot", "PUT", nil, func(r redisCtl) func() {
+			r.save()
+			return func() { r.stop(); r.start() }
+		}, false, "BYPASS"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := testConfig(t)
 			redisPort := freePort(t)
-			dir := t.TempDir()
-			args := append([]string{"--dir", dir}, tc.args...)
+			args := append([]string{"--dir", t.TempDir()}, tc.args...)
 			stop := startRedis(t, redisPort, args...)
 			p := newProxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(redisPort)))
 			cfg.RedisHost, cfg.RedisPort = "127.0.0.1", p.port()
@@ -268,7 +281,15 @@ func TestNoStaleReadAfterRedisFailure(t *testing.T) {
 				t.Fatalf("before the fault: got %s; want MISS HIT", got)
 			}
 
-			restore := tc.fault(p, stop)
+			direct := redis.NewClient(&redis.Options{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(redisPort))})
+			defer direct.Close()
+			restore := tc.fault(redisCtl{proxy: p, stop: func() { stop() },
+				start: func() { stop = startRedis(t, redisPort, args...) },
+				save: func() {
+					if err := direct.Save(t.Context()).Err(); err != nil {
+						t.Fatal(err)
+					}
+				}})
 			body := ""
 			if tc.write == "PUT" {
 				body = `{"name":"new"}`
@@ -280,11 +301,7 @@ func TestNoStaleReadAfterRedisFailure(t *testing.T) {
 			if res.elapsed > time.Second {
 				t.Errorf("%s with Redis %s took %v; want under 1 s", tc.write, tc.name, res.elapsed)
 			}
-			if restore != nil {
-				restore()
-			} else {
-				startRedis(t, redisPort, args...) // reloads the old value from its file
-			}
+			restore()
 
 			var outcomes []string
 			for start := time.Now(); time.Since(start) < 3*time.Second; time.Sleep(20 * time.Millisecond) {
@@ -296,15 +313,18 @@ func TestNoStaleReadAfterRedisFailure(t *testing.T) {
 				case tc.write == "PUT" && (res.status != 200 || !strings.Contains(string(res.body), `"new"`)):
 					t.Fatalf("GET after PUT: got %d %s %s; want 200 with the new name", res.status, res.header.Get("X-Cache"), res.body)
 				}
-				if tc.write == "PUT" && outcomes[len(outcomes)-1] == "HIT" || tc.write == "DELETE" && len(outcomes) > 20 {
+				if outcomes[len(outcomes)-1] == tc.wantOutcome && len(outcomes) > 20 {
 					break
 				}
 			}
-			if tc.write == "PUT" && outcomes[len(outcomes)-1] != "HIT" {
-				t.Errorf("after Redis came back: outcomes %v; want a HIT within 3 s", outcomes)
+			if got := outcomes[len(outcomes)-1]; got != tc.wantOutcome {
+				t.Errorf("after Redis came back: outcomes %v; want them to end with %s", outcomes, tc.wantOutcome)
 			}
-			if n := logs.count("redis unavailable"); n != 1 {
-				t.Errorf(`log lines "redis unavailable": got %d; want 1`, n)
+			if n, want := logs.count("redis unavailable"), map[bool]int{true: 1}[tc.noticed]; n != want {
+				t.Errorf(`log lines "redis unavailable": got %d; want %d`, n, want)
+			}
+			if n, want := logs.count("redis restarted with data"), map[bool]int{true: 1}[tc.wantOutcome == "BYPASS"]; n != want {
+				t.Errorf(`log lines "redis restarted with data": got %d; want %d`, n, want)
 			}
 		})
 	}

@@ -58,6 +58,9 @@ func TestPostgresLost(t *testing.T) {
 	pg.setCut(true)
 	checkUnavailable(t, cfg, "GET", fmt.Sprintf("%s/items/%d", base, cached.ID+1000), "")
 	checkUnavailable(t, cfg, "POST", base+"/items", `{"name":"during the outage"}`)
+	// A write that could not even be sent changed nothing: the cached item
+	// is still right, and still served.
+	checkUnavailable(t, cfg, "PUT", fmt.Sprintf("%s/items/%d", base, cached.ID), `{"name":"never sent"}`)
 	checkUnavailable(t, cfg, "GET", base+"/ready", "")
 	if res := do(t, "GET", base+"/health", ""); res.status != 200 {
 		t.Errorf("GET /health with PostgreSQL down: got %d; want 200 (liveness must not depend on it)", res.status)

@@ -16,6 +16,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -147,9 +148,16 @@ const unknownVersion = 1 << 53
 // began before the write, so the item's flight is forgotten too. It runs
 // even if the client has gone: the write has happened.
 func (s *Items) written(ctx context.Context, id, floor int64, err error) {
+	var pgErr *pgconn.PgError
 	switch {
 	case errors.Is(err, ErrNotFound):
 		return // nothing was written
+	case errors.As(err, &pgErr) || errors.As(err, new(*pgconn.ConnectError)) || pgconn.SafeToRetry(err):
+		// PostgreSQL refused the statement, or it was never sent (no
+		// connection, or an error pgx marks as safe to retry because
+		// nothing had been sent): nothing committed, and the cached value
+		// is still the item's.
+		return
 	case err != nil:
 		floor = unknownVersion
 	}

@@ -3,8 +3,11 @@ package main
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"math"
 	"net"
 	"net/http"
 	"slices"
@@ -608,5 +611,65 @@ func TestNoJoiningAReadFromBeforeAWrite(t *testing.T) {
 	}
 	if got := items.reads.Load(); got != 2 {
 		t.Errorf("PostgreSQL reads: got %d; want 2 (the later GET must not share the earlier read)", got)
+	}
+}
+
+func TestParsePage(t *testing.T) {
+	tests := []struct {
+		query      string
+		wantAfter  int64
+		wantLimit  int
+		wantErrSub string
+	}{
+		{"", 0, 20, ""},
+		{"limit=1", 0, 1, ""},
+		{"limit=100&after=7", 7, 100, ""},
+		{"after=0", 0, 20, ""},
+		{"limit=007", 0, 7, ""},
+		{"after=99999999999999999999", math.MaxInt64, 20, ""},
+		{"limit=0", 0, 0, "limit must be a whole number from 1 to 100"},
+		{"limit=101", 0, 0, "limit must be a whole number from 1 to 100"},
+		{"limit=+5", 0, 0, "limit must be"},
+		{"limit= 5", 0, 0, "limit must be"},
+		{"after=1.5", 0, 0, "after must be an item id"},
+		{"after=0x10", 0, 0, "after must be an item id"},
+		{"limit=1&limit=1", 0, 0, "given 2 times"},
+		{"LIMIT=5", 0, 0, `unknown query parameter "LIMIT"`},
+		{"a%zz=1", 0, 0, "malformed"},
+		{"limit=" + strings.Repeat("9", 100), 0, 0, `got "9999999999999999999999999999999999999999..."`},
+	}
+	for _, tc := range tests {
+		after, limit, err := parsePage(tc.query)
+		switch {
+		case tc.wantErrSub == "" && (err != nil || after != tc.wantAfter || limit != tc.wantLimit):
+			t.Errorf("parsePage(%q): got %d, %d, %v; want %d, %d", tc.query, after, limit, err, tc.wantAfter, tc.wantLimit)
+		case tc.wantErrSub != "":
+			var ae *apiError
+			if !errors.As(err, &ae) || ae.Status != 400 || !strings.Contains(ae.Message, tc.wantErrSub) {
+				t.Errorf("parsePage(%q): got %v; want a 400 containing %q", tc.query, err, tc.wantErrSub)
+			}
+		}
+	}
+}
+
+func TestPatchValidate(t *testing.T) {
+	long := strings.Repeat("é", 2001)
+	for body, want := range map[string]map[string]string{
+		`{}`:                   nil,
+		`{"description":null}`: nil,
+		`{"id":3,"name":"x"}`:  nil,
+		`{"id":4}`:             {"id": "must be 3, the id in the URL, or left out: an item's id never changes"},
+		`{"id":null}`:          {"id": "cannot be removed"},
+		`{"name":null}`:        {"name": "cannot be removed (null): an item always has a name; leave name out to keep it"},
+		`{"name":"\t"}`:        {"name": "must not be blank"},
+		`{"name":"a","description":"` + long + `"}`: {"description": "must be at most 2000 characters (got 2001)"},
+	} {
+		var in patchRequest
+		if err := json.Unmarshal([]byte(body), &in); err != nil {
+			t.Fatalf("%s: %v", body, err)
+		}
+		if got := in.validate(3); !maps.Equal(got, want) {
+			t.Errorf("validate(%.40s): got %v; want %v", body, got, want)
+		}
 	}
 }
