@@ -35,7 +35,7 @@ const startHint = "start them with `docker compose up -d postgres redis`, or poi
 
 // testConfig is the configuration from the environment, isolated for one
 // test: a fresh schema and key prefix, a free port, short timeouts.
-func testConfig(t *testing.T) Config {
+func testConfig(t testing.TB) Config {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("needs PostgreSQL and Redis; skipped with -short")
@@ -56,7 +56,7 @@ func testConfig(t *testing.T) Config {
 	return cfg
 }
 
-func randomHex(t *testing.T) string {
+func randomHex(t testing.TB) string {
 	t.Helper()
 	b := make([]byte, 6)
 	if _, err := rand.Read(b); err != nil {
@@ -83,7 +83,7 @@ var postgresUp = sync.OnceValue(func() error {
 
 // newTestStore opens a store on cfg's schema and drops the schema when the
 // test ends.
-func newTestStore(t *testing.T, cfg Config, log *slog.Logger) *Store {
+func newTestStore(t testing.TB, cfg Config, log *slog.Logger) *Store {
 	t.Helper()
 	err := postgresUp()
 	var store *Store
@@ -107,7 +107,7 @@ func newTestStore(t *testing.T, cfg Config, log *slog.Logger) *Store {
 
 // newTestCache opens a cache on cfg's Redis and deletes the test's keys when
 // the test ends. It fails the test if that Redis does not answer.
-func newTestCache(t *testing.T, cfg Config, log *slog.Logger) *Cache {
+func newTestCache(t testing.TB, cfg Config, log *slog.Logger) *Cache {
 	t.Helper()
 	cache := newCache(cfg, log)
 	if err := cache.rdb.Ping(t.Context()).Err(); err != nil {
@@ -131,10 +131,10 @@ func newTestCache(t *testing.T, cfg Config, log *slog.Logger) *Cache {
 type logBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
-	t  *testing.T
+	t  testing.TB
 }
 
-func newLogBuffer(t *testing.T) *logBuffer { return &logBuffer{t: t} }
+func newLogBuffer(t testing.TB) *logBuffer { return &logBuffer{t: t} }
 
 func (l *logBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
@@ -156,13 +156,13 @@ func (l *logBuffer) logger() *slog.Logger {
 }
 
 // testServer serves the API over real HTTP and returns its base URL.
-func testServer(t *testing.T, log *slog.Logger, store *Store, cache *Cache) string {
+func testServer(t testing.TB, log *slog.Logger, store *Store, cache *Cache) string {
 	t.Helper()
 	return serveItems(t, log, newItems(log, store, cache))
 }
 
 // serveItems is testServer for a test that looks into items.
-func serveItems(t *testing.T, log *slog.Logger, items *Items) string {
+func serveItems(t testing.TB, log *slog.Logger, items *Items) string {
 	t.Helper()
 	srv := &http.Server{Handler: newServer(log, items)}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -184,7 +184,7 @@ type response struct {
 
 // do sends one request; a body implies Content-Type: application/json unless
 // headers say otherwise (pairs of name, value).
-func do(t *testing.T, method, url, body string, headers ...string) response {
+func do(t testing.TB, method, url, body string, headers ...string) response {
 	t.Helper()
 	var rd io.Reader
 	if body != "" {
@@ -217,7 +217,7 @@ func do(t *testing.T, method, url, body string, headers ...string) response {
 var noRedirects = &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 
 // createItem posts an item and returns it as the API answered it.
-func createItem(t *testing.T, base, body string) Item {
+func createItem(t testing.TB, base, body string) Item {
 	t.Helper()
 	res := do(t, "POST", base+"/items", body)
 	if res.status != http.StatusCreated {
@@ -231,7 +231,7 @@ func createItem(t *testing.T, base, body string) Item {
 }
 
 // errorMessage checks that body is a JSON error object and returns its message.
-func errorMessage(t *testing.T, res response) string {
+func errorMessage(t testing.TB, res response) string {
 	t.Helper()
 	if ct := res.header.Get("Content-Type"); ct != "application/json" {
 		t.Errorf("Content-Type: got %q; want application/json", ct)
