@@ -81,11 +81,12 @@ func TestRedisBroken(t *testing.T) {
 }
 
 // TestRedisOutageAndRecovery: Redis (a private redis-server) dies mid-run and
-// comes back on the same port; reads go BYPASS, then HIT again by themselves,
-// with one log line for the outage and one for the recovery.
+// comes back on the same port; reads go BYPASS, then HIT again by themselves
+// within 2 s, with one log line for the outage and one for the recovery.
 func TestRedisOutageAndRecovery(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
+	cfg.RedisRetry = time.Second // the default
 	stop := startRedis(t, cfg.RedisPort)
 	base, logs := serveWithRedis(t, cfg)
 	it := createItem(t, base, `{"name":"survivor"}`)
@@ -111,16 +112,18 @@ func TestRedisOutageAndRecovery(t *testing.T) {
 	startRedis(t, cfg.RedisPort) // empty: the old keys are gone
 	back := time.Now()
 	var outcomes []string
-	for time.Since(back) < 3*time.Second {
+	for time.Since(back) < 5*time.Second {
 		o := cacheHeader()
 		outcomes = append(outcomes, o)
 		if o == "HIT" {
 			break
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond)
 	}
-	if outcomes[len(outcomes)-1] != "HIT" {
-		t.Fatalf("after Redis came back: outcomes %v; want HIT within 3 s", outcomes)
+	if took := time.Since(back); outcomes[len(outcomes)-1] != "HIT" || took > 2*time.Second {
+		t.Fatalf("after Redis came back: outcomes %v after %v; want HIT within 2 s", outcomes, took)
+	} else {
+		t.Logf("Redis restarted; first HIT after %v", took)
 	}
 	if n := logs.count("redis unavailable"); n != 1 {
 		t.Errorf(`log lines "redis unavailable": got %d; want 1`, n)
@@ -626,5 +629,79 @@ func TestTooManyMissedInvalidations(t *testing.T) {
 	}
 	if outcomes[len(outcomes)-1] != "HIT" {
 		t.Errorf("outcomes after the outage: %v; want BYPASS for about CACHE_TTL, then MISS and HIT", outcomes)
+	}
+}
+
+// TestRedisSlow: every Redis reply comes 50 ms late, well within
+// REDIS_TIMEOUT. Reads are still correct, hits are still hits, and each
+// costs about the delay; nothing is logged as an outage.
+func TestRedisSlow(t *testing.T) {
+	cfg := testConfig(t)
+	redisPort := freePort(t)
+	startRedis(t, redisPort)
+	p := newProxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(redisPort)))
+	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", p.port()
+	base, logs := serveWithRedis(t, cfg)
+	it := createItem(t, base, `{"name":"slow"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	do(t, "GET", url, "")
+	p.delay.Store(int64(50 * time.Millisecond))
+	var slowest time.Duration
+	for i := 0; i < 10; i++ {
+		res := do(t, "GET", url, "")
+		if res.status != 200 || res.header.Get("X-Cache") != "HIT" || !strings.Contains(string(res.body), `"slow"`) {
+			t.Fatalf("GET with a slow Redis: got %d %s %s; want 200 HIT", res.status, res.header.Get("X-Cache"), res.body)
+		}
+		slowest = max(slowest, res.elapsed)
+	}
+	if res := do(t, "PUT", url, `{"name":"slower"}`); res.status != 200 {
+		t.Fatalf("PUT with a slow Redis: got %d %s", res.status, res.body)
+	}
+	if res := do(t, "GET", url, ""); !strings.Contains(string(res.body), `"slower"`) || res.header.Get("X-Cache") != "MISS" {
+		t.Errorf("GET after PUT with a slow Redis: got %s %s; want MISS with the new name", res.header.Get("X-Cache"), res.body)
+	}
+	if n := logs.count("redis unavailable"); n != 0 {
+		t.Errorf(`log lines "redis unavailable": got %d; want 0`, n)
+	}
+	t.Logf("slowest HIT with 50 ms added to each Redis reply: %v", slowest)
+}
+
+// TestRedisAbsentAtStartup: the service starts while nothing listens on
+// Redis's port, serves from PostgreSQL, and hits resume by themselves
+// within 2 s of Redis appearing (REDIS_RETRY_INTERVAL is 1 s).
+func TestRedisAbsentAtStartup(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
+	cfg.RedisRetry = time.Second
+	logs := newLogBuffer(t)
+	newTestStore(t, cfg, logs.logger())
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	base, done := startRun(t, ctx, envFrom(cfg))
+	it := createItem(t, base, `{"name":"early"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	if res := do(t, "GET", url, ""); res.status != 200 || res.header.Get("X-Cache") != "BYPASS" {
+		t.Fatalf("GET without Redis: got %d %s; want 200 BYPASS", res.status, res.header.Get("X-Cache"))
+	}
+
+	startRedis(t, cfg.RedisPort)
+	appeared := time.Now()
+	var outcomes []string
+	for time.Since(appeared) < 5*time.Second && (len(outcomes) == 0 || outcomes[len(outcomes)-1] != "HIT") {
+		res := do(t, "GET", url, "")
+		if res.status != 200 {
+			t.Fatalf("GET: got %d %s", res.status, res.body)
+		}
+		outcomes = append(outcomes, res.header.Get("X-Cache"))
+		time.Sleep(10 * time.Millisecond)
+	}
+	took := time.Since(appeared)
+	if outcomes[len(outcomes)-1] != "HIT" || took > 2*time.Second {
+		t.Errorf("after Redis appeared: outcomes %v after %v; want a HIT within 2 s", outcomes, took)
+	}
+	t.Logf("Redis appeared; first HIT after %v", took)
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("run: %v", err)
 	}
 }

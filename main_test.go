@@ -250,6 +250,7 @@ type proxy struct {
 	ln     net.Listener
 	target string
 	held   atomic.Int64 // chunks that arrived while stalled
+	delay  atomic.Int64 // added before each chunk of the server's replies, in ns
 
 	mu          sync.Mutex
 	cut         bool
@@ -329,6 +330,9 @@ func (p *proxy) pipe(dst, src net.Conn, replies bool) {
 					p.held.Add(1)
 					<-gate
 				}
+			}
+			if d := p.delay.Load(); replies && d > 0 {
+				time.Sleep(time.Duration(d))
 			}
 			if _, err := dst.Write(buf[:n]); err != nil {
 				return
