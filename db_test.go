@@ -206,3 +206,63 @@ func TestWriteWithUnknownOutcome(t *testing.T) {
 		}
 	}
 }
+
+// TestPostgresPoolSaturated: every pooled connection is stuck in a slow
+// query (a lock another session holds), so later requests wait for a
+// connection. They get 503 within DB_QUERY_TIMEOUT, /health keeps
+// answering at once, and everything works again when the lock goes.
+func TestPostgresPoolSaturated(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.DBMaxConns = 2
+	cfg.DBQueryTimeout = time.Second
+	log := newLogBuffer(t).logger()
+	store := newTestStore(t, cfg, log)
+	base := testServer(t, log, store, newTestCache(t, cfg, log))
+	var ids []int64
+	for i := range 6 {
+		ids = append(ids, createItem(t, base, fmt.Sprintf(`{"name":"item %d"}`, i)).ID)
+	}
+
+	locker, err := openStore(t.Context(), cfg, log) // a session of its own
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer locker.Close()
+	tx, err := locker.db.BeginTx(t.Context(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(t.Context(), "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+
+	results := make(chan response, len(ids)+1)
+	for _, id := range ids {
+		go func() { results <- do(t, "GET", fmt.Sprintf("%s/items/%d", base, id), "") }()
+	}
+	go func() { results <- do(t, "POST", base+"/items", `{"name":"waiting"}`) }()
+	time.Sleep(100 * time.Millisecond) // let them take the pool
+	for i := 0; i < 5; i++ {
+		if res := do(t, "GET", base+"/health", ""); res.status != 200 || res.elapsed > 100*time.Millisecond {
+			t.Errorf("GET /health with the pool saturated: got %d in %v; want 200 at once", res.status, res.elapsed)
+		}
+	}
+	var slowest time.Duration
+	for range len(ids) + 1 {
+		res := <-results
+		if res.status != http.StatusServiceUnavailable {
+			t.Errorf("request with the pool saturated: got %d %s; want 503", res.status, res.body)
+		}
+		slowest = max(slowest, res.elapsed)
+	}
+	if limit := cfg.DBQueryTimeout + time.Second; slowest > limit {
+		t.Errorf("slowest 503 with the pool saturated took %v; want under %v", slowest, limit)
+	}
+	t.Logf("pool of 2 stuck: %d requests got 503, the slowest after %v", len(ids)+1, slowest)
+
+	tx.Rollback()
+	if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, ids[0]), ""); res.status != 200 {
+		t.Errorf("GET after the lock was released: got %d %s; want 200", res.status, res.body)
+	}
+}
