@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -724,4 +725,185 @@ func TestInternalErrorsStayInternal(t *testing.T) {
 	if n := logs.count("level=ERROR msg=request"); n != 2 || logs.count("secret detail") != 2 {
 		t.Errorf("log: want 2 error lines with the detail; got:\n%s", logs)
 	}
+}
+
+// TestMain lets a test run this test binary as the service itself (main,
+// with the real signal handling) by setting ITEMS_TEST_RUN_MAIN=1.
+func TestMain(m *testing.M) {
+	if os.Getenv("ITEMS_TEST_RUN_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// TestSIGTERMUnderLoad runs the service as a process, loads it with reads
+// and writes, holds some requests in flight (PostgreSQL stalled behind a
+// proxy) and sends SIGTERM. The requests in flight must finish with their
+// real answers, new connections must be refused, no request may get a 5xx,
+// every 201 must be stored, and the process must exit 0 within
+// SHUTDOWN_TIMEOUT.
+func TestSIGTERMUnderLoad(t *testing.T) {
+	cfg := testConfig(t)
+	logs := newLogBuffer(t)
+	store := newTestStore(t, cfg, logs.logger())
+	newTestCache(t, cfg, logs.logger())
+	cached, err := store.CreateItem(t.Context(), "cached", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
+	cfg.DBHost, cfg.DBPort = "127.0.0.1", pg.port()
+	cfg.DBQueryTimeout = 10 * time.Second
+	cfg.ShutdownTimeout = 5 * time.Second
+
+	getenv := envFrom(cfg)
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "ITEMS_TEST_RUN_MAIN=1")
+	for _, k := range []string{"PORT", "DB_HOST", "DB_PORT", "DB_SCHEMA", "DB_QUERY_TIMEOUT", "REDIS_HOST", "REDIS_PORT",
+		"CACHE_KEY_PREFIX", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL"} {
+		cmd.Env = append(cmd.Env, k+"="+getenv(k))
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = t.Output()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			t.Output().Write(append(sc.Bytes(), '\n'))
+			var line struct{ Msg, Addr string }
+			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
+				addr <- line.Addr
+			}
+		}
+		exited <- cmd.Wait()
+	}()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	var base string
+	select {
+	case a := <-addr:
+		_, port, _ := net.SplitHostPort(a)
+		base = "http://127.0.0.1:" + port
+	case <-time.After(30 * time.Second):
+		t.Fatal("the service did not start listening within 30 s")
+	}
+	if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, cached.ID), ""); res.status != 200 {
+		t.Fatalf("GET: got %d %s", res.status, res.body)
+	}
+
+	// The load: readers of a cached item and writers, until told to stop.
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16}, Timeout: 30 * time.Second}
+	defer client.CloseIdleConnections()
+	var termSent atomic.Bool
+	var ok, refusedAfterTerm atomic.Int64
+	var mu sync.Mutex
+	var failures []string
+	var created []Item
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				var req *http.Request
+				if (w+n)%4 == 0 {
+					req, _ = http.NewRequest("POST", base+"/items", strings.NewReader(fmt.Sprintf(`{"name":"load %d-%d"}`, w, n)))
+					req.Header.Set("Content-Type", "application/json")
+				} else {
+					req, _ = http.NewRequest("GET", fmt.Sprintf("%s/items/%d", base, cached.ID), nil)
+				}
+				resp, err := client.Do(req)
+				if err != nil {
+					if termSent.Load() {
+						refusedAfterTerm.Add(1)
+						time.Sleep(5 * time.Millisecond)
+						continue
+					}
+					mu.Lock()
+					failures = append(failures, fmt.Sprintf("%s before SIGTERM: %v", req.Method, err))
+					mu.Unlock()
+					return
+				}
+				body, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				mu.Lock()
+				switch {
+				case err != nil:
+					failures = append(failures, fmt.Sprintf("%s: reading the answer: %v", req.Method, err))
+				case req.Method == "POST" && resp.StatusCode == 201:
+					var it Item
+					json.Unmarshal(body, &it)
+					created = append(created, it)
+					ok.Add(1)
+				case req.Method == "GET" && resp.StatusCode == 200:
+					ok.Add(1)
+				default:
+					failures = append(failures, fmt.Sprintf("%s: %d %s", req.Method, resp.StatusCode, body))
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	pg.stall() // the writes now wait in PostgreSQL: in flight at SIGTERM
+	waitFor(t, "writes to be in flight", func() bool { return pg.held.Load() >= 2 })
+	okBefore := ok.Load()
+
+	termSent.Store(true)
+	sent := time.Now()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "new connections to be refused", func() bool {
+		c, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+	time.Sleep(200 * time.Millisecond)
+	pg.resume()
+	var exitErr error
+	select {
+	case exitErr = <-exited:
+	case <-time.After(cfg.ShutdownTimeout + 5*time.Second):
+		t.Fatal("the service did not exit within SHUTDOWN_TIMEOUT + 5 s of SIGTERM")
+	}
+	took := time.Since(sent)
+	close(stop)
+	wg.Wait()
+
+	if exitErr != nil {
+		t.Errorf("exit: %v; want status 0", exitErr)
+	}
+	if took > cfg.ShutdownTimeout {
+		t.Errorf("exit %v after SIGTERM; want within SHUTDOWN_TIMEOUT=%v", took, cfg.ShutdownTimeout)
+	}
+	for _, f := range failures {
+		t.Error(f)
+	}
+	if ok.Load() <= okBefore {
+		t.Errorf("no request finished after SIGTERM; want the ones in flight to get their answers")
+	}
+	for _, it := range created {
+		got, err := store.GetItem(t.Context(), it.ID)
+		if err != nil || got.Name != it.Name {
+			t.Errorf("item %d answered 201 before shutdown: stored %+v, %v", it.ID, got, err)
+		}
+	}
+	t.Logf("SIGTERM under load: %d answers (%d after SIGTERM, from requests in flight), %d items created and stored, "+
+		"%d attempts refused after SIGTERM, exit 0 after %v", ok.Load(), ok.Load()-okBefore, len(created), refusedAfterTerm.Load(), took.Round(time.Millisecond))
 }
