@@ -737,26 +737,11 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// TestSIGTERMUnderLoad runs the service as a process, loads it with reads
-// and writes, holds some requests in flight (PostgreSQL stalled behind a
-// proxy) and sends SIGTERM. The requests in flight must finish with their
-// real answers, new connections must be refused, no request may get a 5xx,
-// every 201 must be stored, and the process must exit 0 within
-// SHUTDOWN_TIMEOUT.
-func TestSIGTERMUnderLoad(t *testing.T) {
-	cfg := testConfig(t)
-	logs := newLogBuffer(t)
-	store := newTestStore(t, cfg, logs.logger())
-	newTestCache(t, cfg, logs.logger())
-	cached, err := store.CreateItem(t.Context(), "cached", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
-	cfg.DBHost, cfg.DBPort = "127.0.0.1", pg.port()
-	cfg.DBQueryTimeout = 10 * time.Second
-	cfg.ShutdownTimeout = 5 * time.Second
-
+// startProcess runs the service as a process of its own (this test binary,
+// through TestMain) with cfg, and returns its URL, the process, and a
+// channel with its exit.
+func startProcess(t *testing.T, cfg Config) (string, *exec.Cmd, <-chan error) {
+	t.Helper()
 	getenv := envFrom(cfg)
 	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), "ITEMS_TEST_RUN_MAIN=1")
@@ -786,14 +771,37 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 		exited <- cmd.Wait()
 	}()
 	t.Cleanup(func() { cmd.Process.Kill() })
-	var base string
 	select {
 	case a := <-addr:
 		_, port, _ := net.SplitHostPort(a)
-		base = "http://127.0.0.1:" + port
+		return "http://127.0.0.1:" + port, cmd, exited
 	case <-time.After(30 * time.Second):
 		t.Fatal("the service did not start listening within 30 s")
 	}
+	return "", nil, nil
+}
+
+// TestSIGTERMUnderLoad runs the service as a process, loads it with reads
+// and writes, holds some requests in flight (PostgreSQL stalled behind a
+// proxy) and sends SIGTERM. The requests in flight must finish with their
+// real answers, new connections must be refused, no request may get a 5xx,
+// every 201 must be stored, and the process must exit 0 within
+// SHUTDOWN_TIMEOUT.
+func TestSIGTERMUnderLoad(t *testing.T) {
+	cfg := testConfig(t)
+	logs := newLogBuffer(t)
+	store := newTestStore(t, cfg, logs.logger())
+	newTestCache(t, cfg, logs.logger())
+	cached, err := store.CreateItem(t.Context(), "cached", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
+	cfg.DBHost, cfg.DBPort = "127.0.0.1", pg.port()
+	cfg.DBQueryTimeout = 10 * time.Second
+	cfg.ShutdownTimeout = 5 * time.Second
+
+	base, cmd, exited := startProcess(t, cfg)
 	if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, cached.ID), ""); res.status != 200 {
 		t.Fatalf("GET: got %d %s", res.status, res.body)
 	}
@@ -906,4 +914,153 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	}
 	t.Logf("SIGTERM under load: %d answers (%d after SIGTERM, from requests in flight), %d items created and stored, "+
 		"%d attempts refused after SIGTERM, exit 0 after %v", ok.Load(), ok.Load()-okBefore, len(created), refusedAfterTerm.Load(), took.Round(time.Millisecond))
+}
+
+// rssKiB is a process's resident memory, from /proc (Linux).
+func rssKiB(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Skipf("no /proc to measure memory: %v", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(v), " kB"))
+			return n
+		}
+	}
+	t.Fatal("no VmRSS in /proc status")
+	return 0
+}
+
+// TestSlowClients attacks the service process with 200 clients that send
+// their headers one byte a second and 20 that send a body that never ends,
+// slowly; plus one body that never ends, fast, and headers too large. The
+// server cuts each off at its limit (ReadHeaderTimeout 5 s, ReadTimeout 15 s,
+// 1 MiB bodies, 64 KiB headers), keeps answering others at once, and its
+// memory stays flat.
+func TestSlowClients(t *testing.T) {
+	if testing.Short() {
+		t.Skip("takes 16 s; skipped with -short")
+	}
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	newTestStore(t, cfg, log)
+	newTestCache(t, cfg, log)
+	base, cmd, _ := startProcess(t, cfg)
+	addr := strings.TrimPrefix(base, "http://")
+	for range 50 { // warm up
+		do(t, "GET", base+"/health", "")
+	}
+	before := rssKiB(t, cmd.Process.Pid)
+
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	// cutOff sends request, a byte a second, until the server closes the
+	// connection; it reports when, and what the server said.
+	type cut struct {
+		after  time.Duration
+		answer string
+	}
+	cutOff := func(c net.Conn, request string) <-chan cut {
+		done := make(chan cut, 1)
+		start := time.Now()
+		go func() {
+			var answer bytes.Buffer
+			closed := make(chan struct{})
+			go func() { io.Copy(&answer, c); close(closed) }()
+			for i := 0; ; i++ {
+				select {
+				case <-closed:
+					first, _, _ := strings.Cut(answer.String(), "\r\n")
+					done <- cut{time.Since(start), first}
+					return
+				case <-time.After(time.Second):
+				}
+				if i < len(request) {
+					c.Write([]byte{request[i]})
+				}
+			}
+		}()
+		return done
+	}
+	var slowHeaders, slowBodies []<-chan cut
+	for range 200 {
+		slowHeaders = append(slowHeaders, cutOff(dial(), "GET /items/1 HTTP/1.1\r\nHost: x\r\nX-Slow: "+strings.Repeat("a", 100)))
+	}
+	for range 20 {
+		c := dial()
+		fmt.Fprint(c, "POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n")
+		slowBodies = append(slowBodies, cutOff(c, `{"name":"`+strings.Repeat("n", 1000)))
+	}
+
+	// A body that never ends, fast, in chunks: cut at 1 MiB.
+	fast := dial()
+	fmt.Fprint(fast, "POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+	go func() {
+		chunk := fmt.Sprintf("%x\r\n%s\r\n", 64<<10, strings.Repeat("x", 64<<10))
+		for {
+			if _, err := io.WriteString(fast, chunk); err != nil {
+				return
+			}
+		}
+	}()
+	fast.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(fast), nil)
+	if err != nil || resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Errorf("a body that never ends, fast: got %v, %v; want 413", resp, err)
+	}
+
+	// Headers over 64 KiB.
+	big := dial()
+	fmt.Fprintf(big, "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: %s\r\n\r\n", strings.Repeat("b", 100<<10))
+	big.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if resp, err := http.ReadResponse(bufio.NewReader(big), nil); err != nil || resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("headers of 100 KiB: got %v, %v; want 431", resp, err)
+	}
+
+	// Meanwhile, others are served at once, and memory stays flat.
+	time.Sleep(2 * time.Second)
+	var slowest time.Duration
+	for range 20 {
+		res := do(t, "GET", base+"/health", "")
+		if res.status != 200 {
+			t.Errorf("GET /health during the attack: got %d", res.status)
+		}
+		slowest = max(slowest, res.elapsed)
+	}
+	if slowest > 500*time.Millisecond {
+		t.Errorf("GET /health during the attack took up to %v; want at once", slowest)
+	}
+	during := rssKiB(t, cmd.Process.Pid)
+	if grew := during - before; grew > 20<<10 {
+		t.Errorf("RSS with 221 slow clients connected: %d KiB, up %d KiB from %d; want under 20 MiB more", during, grew, before)
+	}
+
+	var lastHeader, lastBody time.Duration
+	for _, c := range slowHeaders {
+		got := <-c
+		if got.after > 8*time.Second {
+			t.Errorf("a client sending headers a byte a second was cut off after %v; want about ReadHeaderTimeout (5 s)", got.after)
+		}
+		lastHeader = max(lastHeader, got.after)
+	}
+	for _, c := range slowBodies {
+		got := <-c
+		if got.after > 18*time.Second || !strings.Contains(got.answer, "408") {
+			t.Errorf("a client sending its body a byte a second: cut off after %v with %q; want 408 after about ReadTimeout (15 s)", got.after, got.answer)
+		}
+		lastBody = max(lastBody, got.after)
+	}
+	if res := do(t, "GET", base+"/health", ""); res.status != 200 {
+		t.Errorf("GET /health after the attack: got %d", res.status)
+	}
+	t.Logf("RSS %d KiB before, %d KiB with 200 slow-header and 20 slow-body clients (up %d KiB); slow headers cut within %v, slow bodies within %v; /health answered within %v",
+		before, during, during-before, lastHeader.Round(100*time.Millisecond), lastBody.Round(100*time.Millisecond), slowest)
 }
