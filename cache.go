@@ -139,9 +139,19 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 		return nil
 	}
 	// Decide before any command runs on this connection; other new
-	// connections decide the same until runID is updated below.
+	// connections decide the same until runID is updated below. Reads that
+	// began before now may have been overtaken by writes whose tombstones
+	// the restart lost: the mark stops their fills (fillScript).
 	keys, err := cn.DBSize(ctx).Result()
 	if err != nil {
+		return err
+	}
+	if marked, err := cn.Exists(ctx, c.restartKey()).Result(); err != nil {
+		return err
+	} else {
+		keys -= marked // another replica's mark is not data
+	}
+	if err := cn.Set(ctx, c.restartKey(), time.Now().UnixMilli(), c.tombstoneTTL).Err(); err != nil {
 		return err
 	}
 	if keys > 0 {
@@ -158,6 +168,17 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	}
 	return nil
 }
+
+// unknownOutcomeTTL is how long the tombstone of a write whose outcome is
+// unknown lasts. Such a write may still reach PostgreSQL and commit after
+// the client gave up: a closed socket's data is retransmitted for up to
+// about 15 minutes (Linux's default net.ipv4.tcp_retries2 = 15, "a
+// hypothetical timeout of 924.6 seconds", kernel ip-sysctl documentation),
+// and the tombstone must outlive that so no older row is cached meanwhile.
+const unknownOutcomeTTL = 20 * time.Minute
+
+// restartKey is the key of the restart mark, beside the items' keys.
+func (c *Cache) restartKey() string { return c.prefix + "restarted" }
 
 // Key is the Redis key of item id.
 func (c *Cache) Key(id int64) string {
@@ -205,11 +226,17 @@ func cachedBody(v []byte) (body []byte, ok bool) {
 	return v[i+1:], true
 }
 
-// fillScript caches a value unless the key holds a newer one.
-// KEYS[1]: the item's key. ARGV[1]: the version read from PostgreSQL;
-// ARGV[2]: the value, "<version>:<json>"; ARGV[3]: its TTL in ms.
-// A key of another type (pcall returns an error table) is replaced.
+// fillScript caches a value unless the key holds a newer one, or the read
+// it comes from began before this Redis server was found restarted (its
+// tombstones may have been lost with the restart).
+// KEYS[1]: the item's key; KEYS[2]: the restart mark (see onConnect).
+// ARGV[1]: the version read from PostgreSQL; ARGV[2]: the value,
+// "<version>:<json>"; ARGV[3]: its TTL in ms; ARGV[4]: when the read began,
+// in Unix ms. A key of another type (pcall returns an error table) is
+// replaced.
 var fillScript = redis.NewScript(`
+local restarted = redis.pcall('GET', KEYS[2])
+if type(restarted) == 'string' and tonumber(restarted) and tonumber(restarted) > tonumber(ARGV[4]) then return 0 end
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'string' then
   local v = tonumber(string.match(cur, '^(%d+):'))
@@ -244,7 +271,8 @@ func (c *Cache) Fill(ctx context.Context, it Item, body []byte, readStart time.T
 	value := make([]byte, 0, 20+len(body))
 	value = append(strconv.AppendInt(value, it.Version, 10), ':')
 	value = append(value, body...)
-	err := fillScript.Run(ctx, c.rdb, []string{c.Key(it.ID)}, it.Version, value, c.ttl.Milliseconds()).Err()
+	err := fillScript.Run(ctx, c.rdb, []string{c.Key(it.ID), c.restartKey()}, it.Version, value,
+		c.ttl.Milliseconds(), readStart.UnixMilli()).Err()
 	switch {
 	case err == nil:
 		c.ok()
@@ -284,7 +312,11 @@ func (c *Cache) invalidate(ctx context.Context, floors map[int64]int64) error {
 	pipe := c.rdb.Pipeline()
 	cmds := make(map[int64]*redis.Cmd, len(floors))
 	for id, floor := range floors {
-		cmds[id] = invalidateScript.Eval(ctx, pipe, []string{c.Key(id)}, floor, c.tombstoneTTL.Milliseconds())
+		ttl := c.tombstoneTTL
+		if floor >= unknownVersion {
+			ttl = unknownOutcomeTTL
+		}
+		cmds[id] = invalidateScript.Eval(ctx, pipe, []string{c.Key(id)}, floor, ttl.Milliseconds())
 	}
 	if _, err := pipe.Exec(ctx); err != nil && !isReplyError(err) {
 		return err

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/redis/go-redis/v9"
 )
 
 // pgBehindProxy returns a server whose PostgreSQL connections go through a
@@ -49,6 +50,7 @@ func checkUnavailable(t *testing.T, cfg Config, method, url, body string) {
 	if limit := cfg.DBQueryTimeout + 2*time.Second; res.elapsed > limit {
 		t.Errorf("%s %s took %v; want under %v", method, url, res.elapsed, limit)
 	}
+	t.Logf("%s %s: %d after %v", method, strings.TrimPrefix(url, "http://"), res.status, res.elapsed.Round(100*time.Microsecond))
 }
 
 // TestPostgresLost: PostgreSQL goes away mid-run (every connection cut, new
@@ -202,6 +204,13 @@ func TestWriteWithUnknownOutcome(t *testing.T) {
 	pg.stallReplies()
 	checkUnavailable(t, cfg, "PUT", url, `{"name":"committed after all"}`)
 	pg.dropHeld()
+	// The write might reach PostgreSQL much later still (a partition):
+	// the item is not cached until such a late write cannot happen.
+	rdb := redis.NewClient(&redis.Options{Addr: cfg.redisAddr()})
+	defer rdb.Close()
+	if ttl := rdb.PTTL(t.Context(), cfg.CacheKeyPrefix+strconv.FormatInt(it.ID, 10)).Val(); ttl < 15*time.Minute {
+		t.Errorf("TTL of the tombstone after a write with an unknown outcome: %v; want over 15 min", ttl)
+	}
 	waitFor(t, "GET to succeed", func() bool { return do(t, "GET", url, "").status == 200 })
 	for i := 0; i < 5; i++ {
 		res := do(t, "GET", url, "")
