@@ -88,9 +88,10 @@ func TestRedisBroken(t *testing.T) {
 	}
 }
 
-// TestRedisOutageAndRecovery: Redis (a private redis-server) dies mid-run and
-// comes back on the same port; reads go BYPASS, then HIT again by themselves
-// within 2 s, with one log line for the outage and one for the recovery.
+// TestRedisOutageAndRecovery: Redis (a private redis-server) dies under a
+// read load and comes back on the same port; every read is right, reads go
+// BYPASS, then HIT again by themselves within 2 s, with one log line for the
+// outage and one for the recovery.
 func TestRedisOutageAndRecovery(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
@@ -109,6 +110,34 @@ func TestRedisOutageAndRecovery(t *testing.T) {
 	if got := cacheHeader() + " " + cacheHeader(); got != "MISS HIT" {
 		t.Fatalf("before the outage: got %s; want MISS HIT", got)
 	}
+
+	// A read load throughout: every answer must be right.
+	others := make([]string, 20)
+	for i := range others {
+		others[i] = fmt.Sprintf("%s/items/%d", base, createItem(t, base, fmt.Sprintf(`{"name":"other %d"}`, i)).ID)
+	}
+	loadCtx, endLoad := context.WithCancel(t.Context())
+	var load sync.WaitGroup
+	var loaded atomic.Int64
+	for r := range 4 {
+		load.Add(1)
+		go func() {
+			defer load.Done()
+			for n := r; loadCtx.Err() == nil; n++ {
+				res := do(t, "GET", others[n%len(others)], "")
+				if res.status != 200 || !strings.Contains(string(res.body), fmt.Sprintf(`"other %d"`, n%len(others))) {
+					t.Errorf("GET under load: got %d %s %s", res.status, res.header.Get("X-Cache"), res.body)
+					return
+				}
+				loaded.Add(1)
+			}
+		}()
+	}
+	defer func() {
+		endLoad()
+		load.Wait()
+		t.Logf("%d reads under load across the outage, all right", loaded.Load())
+	}()
 
 	stop()
 	for i := 0; i < 10; i++ {
