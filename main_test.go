@@ -16,6 +16,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -741,14 +742,18 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// startProcess runs the service as a process of its own (this test binary,
-// through TestMain) with cfg, and returns its URL, the process, and a
-// channel with its exit.
-func startProcess(t *testing.T, cfg Config) (string, *exec.Cmd, <-chan error) {
+// startProcess runs the service as a process of its own with cfg: the
+// program bin, or if bin is "", this test binary through TestMain. It
+// returns its URL, the process, and a channel with its exit.
+func startProcess(t *testing.T, cfg Config, bin string) (string, *exec.Cmd, <-chan error) {
 	t.Helper()
 	getenv := envFrom(cfg)
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), "ITEMS_TEST_RUN_MAIN=1")
+	cmd := exec.Command(bin)
+	cmd.Env = os.Environ()
+	if bin == "" {
+		cmd = exec.Command(os.Args[0])
+		cmd.Env = append(os.Environ(), "ITEMS_TEST_RUN_MAIN=1")
+	}
 	for _, k := range []string{"PORT", "DB_HOST", "DB_PORT", "DB_SCHEMA", "DB_QUERY_TIMEOUT", "REDIS_HOST", "REDIS_PORT",
 		"CACHE_KEY_PREFIX", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL"} {
 		cmd.Env = append(cmd.Env, k+"="+getenv(k))
@@ -805,7 +810,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	cfg.DBQueryTimeout = 10 * time.Second
 	cfg.ShutdownTimeout = 5 * time.Second
 
-	base, cmd, exited := startProcess(t, cfg)
+	base, cmd, exited := startProcess(t, cfg, "")
 	if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, cached.ID), ""); res.status != 200 {
 		t.Fatalf("GET: got %d %s", res.status, res.body)
 	}
@@ -951,7 +956,17 @@ func TestSlowClients(t *testing.T) {
 	log := newLogBuffer(t).logger()
 	newTestStore(t, cfg, log)
 	newTestCache(t, cfg, log)
-	base, cmd, _ := startProcess(t, cfg)
+	// The service as built for use: a test binary built with -race uses
+	// several times the memory.
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		t.Fatalf("the go command is needed to build the service: %v", err)
+	}
+	bin := filepath.Join(t.TempDir(), "items")
+	if out, err := exec.Command(goBin, "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	base, cmd, _ := startProcess(t, cfg, bin)
 	addr := strings.TrimPrefix(base, "http://")
 	for range 50 { // warm up
 		do(t, "GET", base+"/health", "")
