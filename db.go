@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/url"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -40,8 +41,10 @@ var (
 // the caller's context, and returns ErrNotFound or an error wrapping
 // ErrUnavailable where those apply.
 type Store struct {
-	db      *sql.DB
-	timeout time.Duration
+	db       *sql.DB
+	timeout  time.Duration
+	maxConns int
+	lastDrop atomic.Int64 // when idle connections were last dropped, Unix ns
 }
 
 // dsn builds the connection URL for pgx from the DB_* settings.
@@ -73,7 +76,7 @@ func openStore(ctx context.Context, cfg Config, log *slog.Logger) (*Store, error
 	db.SetMaxIdleConns(cfg.DBMaxConns)
 	db.SetConnMaxIdleTime(5 * time.Minute)
 	db.SetConnMaxLifetime(time.Hour)
-	s := &Store{db: db, timeout: cfg.DBQueryTimeout}
+	s := &Store{db: db, timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns}
 
 	if err := s.waitReady(ctx, cfg, log); err != nil {
 		db.Close()
@@ -149,16 +152,16 @@ func (s *Store) Close() error { return s.db.Close() }
 func (s *Store) Ping(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return classify(s.db.PingContext(ctx))
+	return s.classify(s.db.PingContext(ctx))
 }
 
 // itemColumns are the columns every query returns, in Item's scan order.
 const itemColumns = "id, name, description, version"
 
-func scanItem(row interface{ Scan(...any) error }) (Item, error) {
+func (s *Store) scanItem(row interface{ Scan(...any) error }) (Item, error) {
 	var it Item
 	err := row.Scan(&it.ID, &it.Name, &it.Description, &it.Version)
-	return it, classify(err)
+	return it, s.classify(err)
 }
 
 // The statements below compare ids as $1::bigint: a table created by hand
@@ -171,7 +174,7 @@ func scanItem(row interface{ Scan(...any) error }) (Item, error) {
 func (s *Store) CreateItem(ctx context.Context, name string, description *string) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return scanItem(s.db.QueryRowContext(ctx,
+	return s.scanItem(s.db.QueryRowContext(ctx,
 		"INSERT INTO items (name, description) VALUES ($1, $2) RETURNING "+itemColumns,
 		name, description))
 }
@@ -180,7 +183,7 @@ func (s *Store) CreateItem(ctx context.Context, name string, description *string
 func (s *Store) GetItem(ctx context.Context, id int64) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return scanItem(s.db.QueryRowContext(ctx,
+	return s.scanItem(s.db.QueryRowContext(ctx,
 		"SELECT "+itemColumns+" FROM items WHERE id = $1::bigint", id))
 }
 
@@ -193,18 +196,18 @@ func (s *Store) ListItems(ctx context.Context, after int64, limit int) ([]Item, 
 	rows, err := s.db.QueryContext(ctx,
 		"SELECT "+itemColumns+" FROM items WHERE id > $1::bigint ORDER BY id LIMIT $2", after, limit)
 	if err != nil {
-		return nil, classify(err)
+		return nil, s.classify(err)
 	}
 	defer rows.Close()
 	list := make([]Item, 0, limit)
 	for rows.Next() {
-		it, err := scanItem(rows)
+		it, err := s.scanItem(rows)
 		if err != nil {
 			return nil, err
 		}
 		list = append(list, it)
 	}
-	return list, classify(rows.Err())
+	return list, s.classify(rows.Err())
 }
 
 // ReplaceItem sets both fields of item id (a nil description stores NULL),
@@ -212,7 +215,7 @@ func (s *Store) ListItems(ctx context.Context, after int64, limit int) ([]Item, 
 func (s *Store) ReplaceItem(ctx context.Context, id int64, name string, description *string) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return scanItem(s.db.QueryRowContext(ctx,
+	return s.scanItem(s.db.QueryRowContext(ctx,
 		"UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING "+itemColumns,
 		id, name, description))
 }
@@ -225,7 +228,7 @@ func (s *Store) ReplaceItem(ctx context.Context, id int64, name string, descript
 func (s *Store) PatchItem(ctx context.Context, id int64, name *string, setDescription bool, description *string) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return scanItem(s.db.QueryRowContext(ctx,
+	return s.scanItem(s.db.QueryRowContext(ctx,
 		`UPDATE items SET name = COALESCE($2, name),
 			description = CASE WHEN $3 THEN $4 ELSE description END,
 			version = version + 1
@@ -238,7 +241,26 @@ func (s *Store) DeleteItem(ctx context.Context, id int64) (version int64, err er
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	err = s.db.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version)
-	return version, classify(err)
+	return version, s.classify(err)
+}
+
+// classify is classify, and after a query that timed out it also drops the
+// pool's idle connections (at most once a second): a connection that hung
+// may have siblings that hang too, and each would cost a later request a
+// whole DB_QUERY_TIMEOUT before the pool dropped it. New connections are
+// made as needed; if PostgreSQL itself is hung, they time out as well.
+func (s *Store) classify(err error) error {
+	err = classify(err)
+	if errors.Is(err, ErrUnavailable) && (errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err)) {
+		now := time.Now().UnixNano()
+		if last := s.lastDrop.Load(); now-last >= int64(time.Second) && s.lastDrop.CompareAndSwap(last, now) {
+			go func() {
+				s.db.SetMaxIdleConns(0) // closes the idle ones
+				s.db.SetMaxIdleConns(s.maxConns)
+			}()
+		}
+	}
+	return err
 }
 
 // classify maps sql.ErrNoRows to ErrNotFound and every sign that PostgreSQL

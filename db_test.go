@@ -427,3 +427,59 @@ func TestNothingLost(t *testing.T) {
 	t.Logf("%d POSTs: %d answered 201, all readable as sent; %d answered 503, of which %d had committed (whole rows); %d rows",
 		len(all), created, failed, committedAfterError, len(rows))
 }
+
+// TestPostgresHungConnections: the pool's idle connections all hang (their
+// bytes are held by the proxy), while new connections work. One request
+// pays the query timeout; the pool then drops its idle connections, and the
+// next requests are served on new ones, rather than each finding another
+// hung connection.
+func TestPostgresHungConnections(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.DBQueryTimeout = 500 * time.Millisecond
+	cfg.DBMaxConns = 8
+	base, pg, it, _ := pgBehindProxy(t, cfg)
+
+	// Fill the pool: 8 reads held on a lock at once need 8 connections.
+	locker, err := openStore(t.Context(), cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer locker.Close()
+	tx, err := locker.db.BeginTx(t.Context(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.ExecContext(t.Context(), "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for i := range cfg.DBMaxConns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID+100+int64(i)), "")
+		}()
+	}
+	time.Sleep(200 * time.Millisecond)
+	tx.Rollback()
+	wg.Wait()
+
+	pg.freezeExisting()
+	defer pg.resume()
+	var statuses []int
+	for i := range 10 {
+		res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID+1000+int64(i)), "")
+		statuses = append(statuses, res.status)
+		time.Sleep(20 * time.Millisecond)
+	}
+	failed := 0
+	for _, s := range statuses {
+		if s != 404 {
+			failed++
+		}
+	}
+	if failed > 2 || statuses[len(statuses)-1] != 404 {
+		t.Errorf("GETs of missing items with every pooled connection hung: statuses %v; want at most 2 503s, then 404s from new connections", statuses)
+	}
+	t.Logf("pool of %d hung connections: statuses %v", cfg.DBMaxConns, statuses)
+}

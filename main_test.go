@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -259,6 +260,8 @@ type proxy struct {
 	gate        chan struct{} // closed while traffic flows
 	repliesOnly bool          // the stall holds only the server's bytes
 	conns       map[net.Conn]bool
+	frozen      map[net.Conn]bool // connections held by freezeExisting
+	thaw        chan struct{}     // closed when they are let go
 }
 
 func newProxy(t *testing.T, target string) *proxy {
@@ -324,6 +327,9 @@ func (p *proxy) pipe(dst, src net.Conn, replies bool) {
 			if p.repliesOnly && !replies {
 				gate = nil
 			}
+			if p.frozen[src] || p.frozen[dst] {
+				gate = p.thaw
+			}
 			p.mu.Unlock()
 			if gate != nil {
 				select {
@@ -378,9 +384,22 @@ func (p *proxy) stallWith(repliesOnly bool) {
 	}
 }
 
+// freezeExisting holds every byte of the connections open now, and lets
+// new ones through: a server whose old connections hung.
+func (p *proxy) freezeExisting() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.frozen = maps.Clone(p.conns)
+	p.thaw = make(chan struct{})
+}
+
 func (p *proxy) resume() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.thaw != nil {
+		close(p.thaw)
+		p.thaw, p.frozen = nil, nil
+	}
 	select {
 	case <-p.gate:
 	default:
