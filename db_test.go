@@ -43,8 +43,8 @@ func pgBehindProxy(t *testing.T, cfg Config) (base string, p *proxy, it Item, lo
 func checkUnavailable(t *testing.T, cfg Config, method, url, body string) {
 	t.Helper()
 	res := do(t, method, url, body)
-	if res.status != http.StatusServiceUnavailable {
-		t.Errorf("%s %s: got %d %s; want 503", method, url, res.status, res.body)
+	if res.status != http.StatusServiceUnavailable || res.header.Get("Retry-After") != "1" {
+		t.Errorf("%s %s: got %d %s, Retry-After %q; want 503 with Retry-After: 1", method, url, res.status, res.body, res.header.Get("Retry-After"))
 	}
 	errorMessage(t, res)
 	if limit := cfg.DBQueryTimeout + 2*time.Second; res.elapsed > limit {

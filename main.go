@@ -20,6 +20,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unicode/utf8"
@@ -71,6 +72,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
+	// draining ends when shutdown begins; request bodies still arriving
+	// then get drainGrace to finish (see decode).
+	draining, drain := context.WithCancel(context.Background())
+	defer drain()
+	var fresh sync.Map // connections with no request yet: net.Conn -> true
 	srv := &http.Server{
 		Handler:           newServer(log, newItems(log, store, cache)),
 		ReadHeaderTimeout: 5 * time.Second,
@@ -79,7 +85,28 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		IdleTimeout:       90 * time.Second,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		BaseContext: func(net.Listener) context.Context {
+			return context.WithValue(context.Background(), drainingKey{}, draining)
+		},
+		ConnState: func(c net.Conn, state http.ConnState) {
+			if state == http.StateNew {
+				fresh.Store(c, true)
+			} else {
+				fresh.Delete(c)
+			}
+		},
 	}
+	// Shutdown closes idle connections, but waits up to 5 s for one that
+	// has sent no request yet (a browser's preconnect, say), which would
+	// outlast SHUTDOWN_TIMEOUT; such connections hold no request, so they
+	// are closed at once.
+	srv.RegisterOnShutdown(func() {
+		drain()
+		fresh.Range(func(c, _ any) bool {
+			c.(net.Conn).Close()
+			return true
+		})
+	})
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info("listening", "addr", ln.Addr().String())
@@ -190,12 +217,20 @@ func handleReady(store *Store, cache *Cache) http.Handler {
 		status := http.StatusOK
 		if pgErr != nil {
 			noteError(w, pgErr)
+			w.Header().Set("Retry-After", "1")
 			res.Status, status = "unavailable", http.StatusServiceUnavailable
 			res.Error = "PostgreSQL is not answering; the service cannot serve requests that need it"
 		}
 		encode(w, r, status, res)
 	})
 }
+
+// drainingKey is the request context key of a context that ends when the
+// server starts shutting down.
+type drainingKey struct{}
+
+// drainGrace is how long a request body still arriving at shutdown may take.
+const drainGrace = time.Second
 
 // maxBodyBytes bounds a request body: 1 MiB.
 const maxBodyBytes = 1 << 20
@@ -259,6 +294,14 @@ func decode(w http.ResponseWriter, r *http.Request, v any) error {
 	}
 	if r.ContentLength > maxBodyBytes {
 		return tooLarge
+	}
+	// Once the server is shutting down, a body still arriving (slowly)
+	// gets drainGrace more, rather than holding the shutdown until
+	// ReadTimeout; then it is a 408.
+	if draining, ok := r.Context().Value(drainingKey{}).(context.Context); ok {
+		rc := http.NewResponseController(w)
+		stop := context.AfterFunc(draining, func() { rc.SetReadDeadline(time.Now().Add(drainGrace)) })
+		defer stop()
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	switch {
