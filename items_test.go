@@ -11,6 +11,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"slices"
 	"strconv"
@@ -836,4 +837,71 @@ func FuzzParsePage(f *testing.F) {
 			t.Fatalf("parsePage(%q) = %d, %d; want after >= 0 and 1 <= limit <= %d", query, after, limit, maxPageSize)
 		}
 	})
+}
+
+// Benchmarks of the three paths through the whole handler (routing,
+// request log, cache-aside), against the real PostgreSQL and Redis, with
+// the request log written as in production, to io.Discard. Run with
+// `go test -run '^$' -bench . -benchmem`.
+
+func benchHandler(b *testing.B) (http.Handler, *Store, *Cache) {
+	cfg := testConfig(b)
+	cfg.CacheTTL = time.Hour
+	quiet := slog.New(slog.DiscardHandler)
+	store := newTestStore(b, cfg, quiet)
+	cache := newTestCache(b, cfg, quiet)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	return newServer(log, newItems(log, store, cache)), store, cache
+}
+
+func serveOnce(b *testing.B, h http.Handler, req *http.Request, want int) {
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	if rec.Code != want {
+		b.Fatalf("%s %s: got %d %s; want %d", req.Method, req.URL, rec.Code, rec.Body, want)
+	}
+}
+
+// BenchmarkGetHit is GET /items/{id} answered from Redis.
+func BenchmarkGetHit(b *testing.B) {
+	h, store, _ := benchHandler(b)
+	it, err := store.CreateItem(b.Context(), "Widget", nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	url := fmt.Sprintf("/items/%d", it.ID)
+	serveOnce(b, h, httptest.NewRequest("GET", url, nil), 200) // fills the cache
+	b.ReportAllocs()
+	for b.Loop() {
+		serveOnce(b, h, httptest.NewRequest("GET", url, nil), 200)
+	}
+}
+
+// BenchmarkGetMiss is GET /items/{id} read from PostgreSQL, then cached:
+// the key is deleted before each request.
+func BenchmarkGetMiss(b *testing.B) {
+	h, store, cache := benchHandler(b)
+	it, err := store.CreateItem(b.Context(), "Widget", nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	url := fmt.Sprintf("/items/%d", it.ID)
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		cache.rdb.Del(b.Context(), cache.Key(it.ID))
+		b.StartTimer()
+		serveOnce(b, h, httptest.NewRequest("GET", url, nil), 200)
+	}
+}
+
+// BenchmarkCreate is POST /items.
+func BenchmarkCreate(b *testing.B) {
+	h, _, _ := benchHandler(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		req := httptest.NewRequest("POST", "/items", strings.NewReader(`{"name":"Widget","description":"A useful widget"}`))
+		req.Header.Set("Content-Type", "application/json")
+		serveOnce(b, h, req, 201)
+	}
 }
