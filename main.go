@@ -517,6 +517,10 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &recorder{ResponseWriter: w, r: r}
+		if r.Body != nil && r.Body != http.NoBody {
+			rec.body = &trackedBody{ReadCloser: r.Body}
+			r.Body = rec.body
+		}
 		defer func() {
 			if p := recover(); p != nil {
 				if p == http.ErrAbortHandler {
@@ -559,9 +563,24 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 type recorder struct {
 	http.ResponseWriter
 	r        *http.Request
+	body     *trackedBody // the request body, if any
 	status   int
 	replaced bool
 	err      error // cause of a 5xx, for the log line
+}
+
+// trackedBody notes whether a request body was read to its end.
+type trackedBody struct {
+	io.ReadCloser
+	done bool
+}
+
+func (b *trackedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.done = true
+	}
+	return n, err
 }
 
 func (rec *recorder) WriteHeader(status int) {
@@ -569,6 +588,15 @@ func (rec *recorder) WriteHeader(status int) {
 		return
 	}
 	rec.status = status
+	if rec.body != nil && !rec.body.done {
+		// An answer given before the body was read (an error, or a route
+		// that takes no body) closes the connection, and the rest of the
+		// body is not waited for: otherwise Go's server reads it first (up
+		// to 256 KiB), for as long as the client takes to send it, holding
+		// up the answer and any shutdown.
+		rec.Header().Set("Connection", "close")
+		http.NewResponseController(rec.ResponseWriter).SetReadDeadline(time.Now())
+	}
 	// The handlers never redirect, so every 3xx is the mux's.
 	if !(status >= 300 && status < 400 || rec.r.Pattern == "" && status >= 400) {
 		rec.ResponseWriter.WriteHeader(status)

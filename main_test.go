@@ -1112,7 +1112,8 @@ func TestSlowClients(t *testing.T) {
 // TestShutdownWithSlowClients: at shutdown, a connection that has sent
 // nothing yet and an upload still trickling in must not hold the service
 // past SHUTDOWN_TIMEOUT: the first is closed at once, the second gets
-// drainGrace to finish its body, then a 408; run returns nil.
+// drainGrace to finish its body, then a 408; run returns nil. A body that
+// the server answers without reading never holds it either.
 func TestShutdownWithSlowClients(t *testing.T) {
 	cfg := testConfig(t)
 	log := newLogBuffer(t).logger()
@@ -1146,6 +1147,26 @@ func TestShutdownWithSlowClients(t *testing.T) {
 			}
 		}
 	}()
+	// A body the server will not read (the wrong Content-Type), still
+	// arriving: the 415 comes at once and the connection is closed, rather
+	// than the server reading the rest of the body first.
+	unread, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unread.Close()
+	fmt.Fprint(unread, "POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nx")
+	unread.SetReadDeadline(time.Now().Add(2 * time.Second))
+	br := bufio.NewReader(unread)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusUnsupportedMediaType || !resp.Close {
+		t.Fatalf("a body the server does not read: got %v, %v; want 415 with Connection: close", resp, err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("after the 415: read %v; want the connection closed", err)
+	}
+
 	time.Sleep(300 * time.Millisecond) // both are in: one idle, one reading a body
 
 	start := time.Now()
@@ -1163,7 +1184,7 @@ func TestShutdownWithSlowClients(t *testing.T) {
 		t.Errorf("shutdown with a silent connection and a slow upload took %v; want about drainGrace (%v)", took, drainGrace)
 	}
 	upload.SetReadDeadline(time.Now().Add(2 * time.Second))
-	resp, err := http.ReadResponse(bufio.NewReader(upload), nil)
+	resp, err = http.ReadResponse(bufio.NewReader(upload), nil)
 	if err != nil || resp.StatusCode != http.StatusRequestTimeout {
 		t.Errorf("the upload in progress at shutdown: got %v, %v; want 408", resp, err)
 	}
