@@ -1194,3 +1194,36 @@ func TestShutdownWithSlowClients(t *testing.T) {
 	}
 	t.Logf("shutdown with a silent connection and a slow upload: %v", took.Round(time.Millisecond))
 }
+
+// TestLogWriter: lines keep their order, reach the output within the flush
+// interval without a Close, and Close writes out the rest.
+func TestLogWriter(t *testing.T) {
+	var mu sync.Mutex
+	var out bytes.Buffer
+	w := writerFunc(func(p []byte) (int, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return out.Write(p)
+	})
+	lw := newLogWriter(w, 50*time.Millisecond)
+	fmt.Fprintln(lw, "one")
+	fmt.Fprintln(lw, "two")
+	waitFor(t, "the lines to be flushed", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return out.String() == "one\ntwo\n"
+	})
+	fmt.Fprintln(lw, "three")
+	if err := lw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if out.String() != "one\ntwo\nthree\n" {
+		t.Errorf("output: %q; want the three lines in order", out.String())
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
