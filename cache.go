@@ -63,6 +63,8 @@ type Cache struct {
 	downUntil atomic.Int64
 	// lastRejectLog is when a refused command was last logged (Unix ns).
 	lastRejectLog atomic.Int64
+	// errors counts Redis commands that failed or were refused.
+	errors atomic.Int64
 
 	// pending holds the invalidations that did not reach Redis: item id ->
 	// the version below which its cached value is stale. npending is its
@@ -488,6 +490,7 @@ func isReplyError(err error) bool {
 const rejectLogInterval = time.Minute
 
 func (c *Cache) rejected(op, key string, err error) {
+	c.errors.Add(1)
 	now := time.Now().UnixNano()
 	last := c.lastRejectLog.Load()
 	if now-last >= int64(rejectLogInterval) && c.lastRejectLog.CompareAndSwap(last, now) {
@@ -497,6 +500,7 @@ func (c *Cache) rejected(op, key string, err error) {
 }
 
 func (c *Cache) failed(ctx context.Context, op string, err error) {
+	c.errors.Add(1)
 	if ctx.Err() != nil {
 		// The client went away; that says nothing about Redis.
 		return

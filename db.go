@@ -45,6 +45,7 @@ type Store struct {
 	timeout  time.Duration
 	maxConns int
 	lastDrop atomic.Int64 // when idle connections were last dropped, Unix ns
+	errors   atomic.Int64 // queries that failed, not counting "not found"
 }
 
 // dsn builds the connection URL for pgx from the DB_* settings.
@@ -251,6 +252,9 @@ func (s *Store) DeleteItem(ctx context.Context, id int64) (version int64, err er
 // made as needed; if PostgreSQL itself is hung, they time out as well.
 func (s *Store) classify(err error) error {
 	err = classify(err)
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		s.errors.Add(1)
+	}
 	if errors.Is(err, ErrUnavailable) && (errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err)) {
 		now := time.Now().UnixNano()
 		if last := s.lastDrop.Load(); now-last >= int64(time.Second) && s.lastDrop.CompareAndSwap(last, now) {

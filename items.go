@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"expvar"
 	"fmt"
 	"log/slog"
 	"math"
@@ -48,6 +49,32 @@ type Items struct {
 
 	reads   atomic.Int64 // PostgreSQL queries made for single-item reads
 	waiting atomic.Int64 // requests now waiting for such a query
+	// outcomes counts the single-item reads by what the cache did.
+	hits, misses, bypasses atomic.Int64
+}
+
+// vars are the service's counters, for GET /debug/vars (expvar).
+func (s *Items) vars() *expvar.Map {
+	m := new(expvar.Map)
+	for name, n := range map[string]*atomic.Int64{
+		"cache_hits": &s.hits, "cache_misses": &s.misses, "cache_bypasses": &s.bypasses,
+		"redis_errors": &s.cache.errors, "postgres_errors": &s.store.errors,
+		"postgres_item_reads": &s.reads, "waiting_for_item_reads": &s.waiting,
+	} {
+		m.Set(name, expvar.Func(func() any { return n.Load() }))
+	}
+	return m
+}
+
+func (s *Items) count(o Outcome) {
+	switch o {
+	case Hit:
+		s.hits.Add(1)
+	case Miss:
+		s.misses.Add(1)
+	default:
+		s.bypasses.Add(1)
+	}
 }
 
 func newItems(log *slog.Logger, store *Store, cache *Cache) *Items {
@@ -62,11 +89,13 @@ func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
 	body, outcome := s.cache.Get(ctx, id)
 	if outcome == Hit {
 		if validCachedItem(body, id) {
+			s.hits.Add(1)
 			return body, Hit, nil
 		}
 		s.log.Warn("cached value is not this item's JSON; replacing it", "key", s.cache.Key(id))
 		outcome = Miss
 	}
+	s.count(outcome)
 	fill := outcome == Miss
 	s.waiting.Add(1)
 	defer s.waiting.Add(-1)

@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"expvar"
 	"fmt"
 	"io"
 	"log/slog"
@@ -224,6 +225,7 @@ func newServer(log *slog.Logger, items *Items) http.Handler {
 func addRoutes(mux *http.ServeMux, items *Items) {
 	mux.Handle("GET /health", handleHealth())
 	mux.Handle("GET /ready", handleReady(items.store, items.cache))
+	mux.Handle("GET /debug/vars", handleVars(items.vars()))
 	mux.Handle("GET /items", handleListItems(items))
 	mux.Handle("POST /items", handleCreateItem(items))
 	mux.Handle("GET /items/{id}", handleGetItem(items))
@@ -239,6 +241,28 @@ func handleHealth() http.Handler {
 	body := []byte(`{"status":"ok"}`)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, body)
+	})
+}
+
+// handleVars answers GET /debug/vars as the standard library's expvar
+// handler does (cmdline, memstats and any other published variable), with
+// this server's counters under "items": cache_hits, cache_misses and
+// cache_bypasses (single-item reads by what the cache did), redis_errors
+// (commands that failed or were refused), postgres_errors (queries that
+// failed, "not found" aside), postgres_item_reads (queries for single-item
+// reads: fewer than the misses when concurrent misses share one) and
+// waiting_for_item_reads (requests waiting on such a query now). They are
+// kept per server rather than published globally, so that several servers
+// in one process (the tests) do not share them.
+func handleVars(vars *expvar.Map) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var b strings.Builder
+		b.WriteString("{\n")
+		expvar.Do(func(kv expvar.KeyValue) {
+			fmt.Fprintf(&b, "%q: %s,\n", kv.Key, kv.Value)
+		})
+		fmt.Fprintf(&b, "%q: %s\n}", "items", vars)
+		writeJSON(w, http.StatusOK, []byte(b.String()))
 	})
 }
 

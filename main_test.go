@@ -1227,3 +1227,33 @@ func TestLogWriter(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// TestDebugVars: GET /debug/vars is expvar's JSON with this server's
+// counters under "items", which follow what the requests did.
+func TestDebugVars(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	base := testServer(t, log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))
+	it := createItem(t, base, `{"name":"counted"}`)
+	do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "")      // miss
+	do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "")      // hit
+	do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "")      // hit
+	do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID+1000), "") // miss, 404
+	res := do(t, "GET", base+"/debug/vars", "")
+	var vars struct {
+		Cmdline  []string
+		Memstats struct{ HeapAlloc uint64 }
+		Items    map[string]int64
+	}
+	if res.status != 200 || json.Unmarshal(res.body, &vars) != nil {
+		t.Fatalf("GET /debug/vars: got %d %s; want 200 with JSON", res.status, res.body)
+	}
+	want := map[string]int64{"cache_hits": 2, "cache_misses": 2, "cache_bypasses": 0, "redis_errors": 0,
+		"postgres_errors": 0, "postgres_item_reads": 2, "waiting_for_item_reads": 0}
+	if !maps.Equal(vars.Items, want) {
+		t.Errorf("items counters: got %v; want %v", vars.Items, want)
+	}
+	if len(vars.Cmdline) == 0 || vars.Memstats.HeapAlloc == 0 {
+		t.Errorf("expvar's own cmdline and memstats are missing: %s", res.body)
+	}
+}
