@@ -666,12 +666,17 @@ func (rec *recorder) WriteHeader(status int) {
 	rec.status = status
 	if rec.body != nil && !rec.body.done {
 		// An answer given before the body was read (an error, or a route
-		// that takes no body) closes the connection, and the rest of the
-		// body is not waited for: otherwise Go's server reads it first (up
-		// to 256 KiB), for as long as the client takes to send it, holding
-		// up the answer and any shutdown.
-		rec.Header().Set("Connection", "close")
-		http.NewResponseController(rec.ResponseWriter).SetReadDeadline(time.Now())
+		// that takes no body): Go's server reads the rest of the body (up
+		// to 256 KiB) before answering, so that the connection can be
+		// reused, or closes the connection after the answer if there is
+		// more. A body that arrives slowly would hold that read, the answer
+		// and any shutdown until ReadTimeout; it gets drainGrace (none once
+		// the server is shutting down), and then the connection is closed.
+		deadline := time.Now().Add(drainGrace)
+		if draining, ok := rec.r.Context().Value(drainingKey{}).(context.Context); ok && draining.Err() != nil {
+			deadline = time.Now()
+		}
+		http.NewResponseController(rec.ResponseWriter).SetReadDeadline(deadline)
 	}
 	// The handlers never redirect, so every 3xx is the mux's.
 	if !(status >= 300 && status < 400 || rec.r.Pattern == "" && status >= 400) {

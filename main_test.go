@@ -1148,8 +1148,8 @@ func TestShutdownWithSlowClients(t *testing.T) {
 		}
 	}()
 	// A body the server will not read (the wrong Content-Type), still
-	// arriving: the 415 comes at once and the connection is closed, rather
-	// than the server reading the rest of the body first.
+	// arriving: the 415 comes within drainGrace and the connection is
+	// closed, rather than the server waiting for the rest of the body.
 	unread, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
@@ -1159,8 +1159,8 @@ func TestShutdownWithSlowClients(t *testing.T) {
 	unread.SetReadDeadline(time.Now().Add(2 * time.Second))
 	br := bufio.NewReader(unread)
 	resp, err := http.ReadResponse(br, nil)
-	if err != nil || resp.StatusCode != http.StatusUnsupportedMediaType || !resp.Close {
-		t.Fatalf("a body the server does not read: got %v, %v; want 415 with Connection: close", resp, err)
+	if err != nil || resp.StatusCode != http.StatusUnsupportedMediaType {
+		t.Fatalf("a body the server does not read: got %v, %v; want 415", resp, err)
 	}
 	io.Copy(io.Discard, resp.Body)
 	if _, err := br.ReadByte(); err != io.EOF {
