@@ -593,9 +593,12 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &recorder{ResponseWriter: w, r: r}
-		if r.Body != nil && r.Body != http.NoBody {
-			rec.body = &trackedBody{ReadCloser: r.Body}
+		if body := r.Body; body != nil && body != http.NoBody {
+			rec.body = &trackedBody{ReadCloser: body}
 			r.Body = rec.body
+			// Go's server looks at the body's own type after the handler
+			// returns, to decide how to finish the request with it.
+			defer func() { r.Body = body }()
 		}
 		defer func() {
 			if p := recover(); p != nil {
