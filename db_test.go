@@ -237,19 +237,7 @@ func TestPostgresPoolSaturated(t *testing.T) {
 		ids = append(ids, createItem(t, base, fmt.Sprintf(`{"name":"item %d"}`, i)).ID)
 	}
 
-	locker, err := openStore(t.Context(), cfg, log) // a session of its own
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer locker.Close()
-	tx, err := locker.db.BeginTx(t.Context(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(t.Context(), "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"); err != nil {
-		t.Fatal(err)
-	}
+	unlock := lockItems(t, cfg)
 
 	results := make(chan response, len(ids)+1)
 	for _, id := range ids {
@@ -275,7 +263,7 @@ func TestPostgresPoolSaturated(t *testing.T) {
 	}
 	t.Logf("pool of 2 stuck: %d requests got 503, the slowest after %v", len(ids)+1, slowest)
 
-	tx.Rollback()
+	unlock()
 	if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, ids[0]), ""); res.status != 200 {
 		t.Errorf("GET after the lock was released: got %d %s; want 200", res.status, res.body)
 	}
@@ -440,18 +428,7 @@ func TestPostgresHungConnections(t *testing.T) {
 	base, pg, it, _ := pgBehindProxy(t, cfg)
 
 	// Fill the pool: 8 reads held on a lock at once need 8 connections.
-	locker, err := openStore(t.Context(), cfg, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer locker.Close()
-	tx, err := locker.db.BeginTx(t.Context(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tx.ExecContext(t.Context(), "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"); err != nil {
-		t.Fatal(err)
-	}
+	unlock := lockItems(t, cfg)
 	var wg sync.WaitGroup
 	for i := range cfg.DBMaxConns {
 		wg.Add(1)
@@ -461,7 +438,7 @@ func TestPostgresHungConnections(t *testing.T) {
 		}()
 	}
 	time.Sleep(200 * time.Millisecond)
-	tx.Rollback()
+	unlock()
 	wg.Wait()
 
 	pg.freezeExisting()
@@ -482,4 +459,30 @@ func TestPostgresHungConnections(t *testing.T) {
 		t.Errorf("GETs of missing items with every pooled connection hung: statuses %v; want at most 2 503s, then 404s from new connections", statuses)
 	}
 	t.Logf("pool of %d hung connections: statuses %v", cfg.DBMaxConns, statuses)
+}
+
+// lockItems locks cfg's items table from a session of its own, so that
+// every query on it waits, until unlock is called or the test ends.
+func lockItems(t *testing.T, cfg Config) (unlock func()) {
+	t.Helper()
+	locker, err := openStore(t.Context(), cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tx, err := locker.db.BeginTx(t.Context(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.ExecContext(t.Context(), "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	unlock = func() {
+		once.Do(func() {
+			tx.Rollback()
+			locker.Close()
+		})
+	}
+	t.Cleanup(unlock)
+	return unlock
 }

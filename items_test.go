@@ -531,22 +531,13 @@ func TestStampede(t *testing.T) {
 	it := createItem(t, base, `{"name":"cold"}`)
 	url := fmt.Sprintf("%s/items/%d", base, it.ID)
 
-	tx, err := store.db.BeginTx(t.Context(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(t.Context(), "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"); err != nil {
-		t.Fatal(err)
-	}
+	unlock := lockItems(t, cfg)
 	results := make(chan response, n)
 	for range n {
 		go func() { results <- do(t, "GET", url, "") }()
 	}
 	waitFor(t, fmt.Sprintf("%d requests to wait for the item", n), func() bool { return items.waiting.Load() == n })
-	if err := tx.Commit(); err != nil {
-		t.Fatal(err)
-	}
+	unlock()
 	for range n {
 		res := <-results
 		if res.status != 200 || res.header.Get("X-Cache") != "MISS" || !strings.Contains(string(res.body), `"cold"`) {

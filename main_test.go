@@ -523,6 +523,20 @@ func envFrom(cfg Config, extra ...string) func(string) string {
 	}
 }
 
+// scanLog copies the service's JSON log from r to the test's output and
+// sends the address of its "listening" line to addr, until r ends.
+func scanLog(t testing.TB, r io.Reader, addr chan<- string) {
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		t.Output().Write(append(sc.Bytes(), '\n'))
+		var line struct{ Msg, Addr string }
+		if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
+			addr <- line.Addr
+		}
+	}
+	io.Copy(io.Discard, r) // past a line too long for the scanner
+}
+
 // startRun runs the service as main does, with a JSON log, and returns its
 // base URL once it is listening, and a channel with run's result.
 func startRun(t *testing.T, ctx context.Context, getenv func(string) string) (string, <-chan error) {
@@ -534,17 +548,7 @@ func startRun(t *testing.T, ctx context.Context, getenv func(string) string) (st
 		pw.Close()
 	}()
 	addr := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			t.Output().Write(append(sc.Bytes(), '\n'))
-			var line struct{ Msg, Addr string }
-			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
-				addr <- line.Addr
-			}
-		}
-		io.Copy(io.Discard, pr)
-	}()
+	go scanLog(t, pr, addr)
 	select {
 	case a := <-addr:
 		_, port, _ := net.SplitHostPort(a)
@@ -788,14 +792,7 @@ func startProcess(t *testing.T, cfg Config, bin string) (string, *exec.Cmd, <-ch
 	exited := make(chan error, 1)
 	addr := make(chan string, 1)
 	go func() {
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			t.Output().Write(append(sc.Bytes(), '\n'))
-			var line struct{ Msg, Addr string }
-			if json.Unmarshal(sc.Bytes(), &line) == nil && line.Msg == "listening" {
-				addr <- line.Addr
-			}
-		}
+		scanLog(t, stdout, addr)
 		exited <- cmd.Wait()
 	}()
 	t.Cleanup(func() { cmd.Process.Kill() })
