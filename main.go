@@ -250,7 +250,8 @@ func handleHealth() http.Handler {
 // cache_bypasses (single-item reads by what the cache did), redis_errors
 // (commands that failed or were refused), postgres_errors (queries that
 // failed, "not found" aside), postgres_item_reads (queries for single-item
-// reads: fewer than the misses when concurrent misses share one) and
+// reads after a miss or a bypass: fewer than those when concurrent ones
+// share a query) and
 // waiting_for_item_reads (requests waiting on such a query now). They are
 // kept per server rather than published globally, so that several servers
 // in one process (the tests) do not share them.
