@@ -5,7 +5,8 @@
 #   3. PostgreSQL reads of random items in tables of 1k, 100k and 1M rows.
 # It builds the service from this directory and runs it on the PostgreSQL and
 # Redis that the tests use (DB_* and REDIS_*, same defaults), in a schema and
-# key prefix of its own that it removes at the end; it installs wrk if missing.
+# key prefix of its own that it removes at the end, on ports 55101 and 55102.
+# It needs go, curl, psql and redis-cli, and installs wrk if missing (apt-get).
 #
 # usage: ./loadtest.sh            env: DURATION=5 (seconds per measurement)
 set -euo pipefail
@@ -39,6 +40,9 @@ EOF
 # serve PORT REDIS_PORT: the service with its log discarded (it is buffered,
 # but at these rates it would still fill a disk).
 serve() {
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    echo "port $1 is taken; stop what listens there, or edit the ports below" >&2; exit 1
+  fi
   env PORT=$1 REDIS_PORT=$2 DB_SCHEMA=$SCHEMA CACHE_KEY_PREFIX=$PREFIX CACHE_TTL=600s LOG_LEVEL=warn \
     "$TMP/items" >/dev/null 2>&1 &
   pids+=($!)
