@@ -89,7 +89,7 @@ func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
 	body, outcome := s.cache.Get(ctx, id)
 	if outcome == Hit {
 		if validCachedItem(body, id) {
-			s.hits.Add(1)
+			s.count(Hit)
 			return body, Hit, nil
 		}
 		s.log.Warn("cached value is not this item's JSON; replacing it", "key", s.cache.Key(id))
