@@ -3,7 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
+	"encoding/hex"
 	"errors"
+	"hash/crc32"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -25,6 +28,25 @@ const (
 	Bypass Outcome = "BYPASS" // Redis could not be asked (down, slow or failing); read from PostgreSQL.
 )
 
+// The X-Cache header's values, shared by every response (see
+// jsonContentType).
+var (
+	hitHeader    = []string{string(Hit)}
+	missHeader   = []string{string(Miss)}
+	bypassHeader = []string{string(Bypass)}
+)
+
+// header is o as the value of an X-Cache header.
+func (o Outcome) header() []string {
+	switch o {
+	case Hit:
+		return hitHeader
+	case Miss:
+		return missHeader
+	}
+	return bypassHeader
+}
+
 // Cache is the cache-aside layer: item JSON bodies in Redis under
 // prefix+id, each with a TTL. Redis is optional. Every Redis error is
 // logged and then skipped: it never fails a request. After a failure the
@@ -33,7 +55,7 @@ const (
 // one per request (the circuit-breaker pattern). An outage is logged once
 // when it starts and once when it ends.
 //
-// Cached values carry the row's version, "<version>:<json>", and writes
+// Cached values carry the row's version, "<version>:<crc>:<json>", and writes
 // leave a tombstone, "<version>:", that outlives any read still in flight.
 // A fill (Fill) only replaces a value or tombstone of a lower or equal
 // version, so a reader that fetched a row before a write committed can never
@@ -61,8 +83,8 @@ type Cache struct {
 	// downUntil is zero while Redis is healthy; otherwise the Unix time in
 	// nanoseconds before which Redis is not asked.
 	downUntil atomic.Int64
-	// lastRejectLog is when a refused command was last logged (Unix ns).
-	lastRejectLog atomic.Int64
+	// lastRareLog is when warnRarely last logged (Unix ns).
+	lastRareLog atomic.Int64
 	// errors counts Redis commands that failed or were refused.
 	errors atomic.Int64
 
@@ -203,8 +225,13 @@ func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
 		return nil, Bypass
 	case err == nil:
 		c.ok()
-		if body, ok := cachedBody(b); ok {
+		body, ok, tombstone := cachedBody(b, id)
+		if ok {
 			return body, Hit
+		}
+		if !tombstone {
+			c.warnRarely("a cached value is not what this service caches for its item (written by another program, cut short, or another item's); reading PostgreSQL and replacing it",
+				"key", c.Key(id))
 		}
 		return nil, Miss
 	case errors.Is(err, redis.Nil):
@@ -218,22 +245,75 @@ func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
 	return nil, Bypass
 }
 
-// cachedBody returns the JSON of a cached value "<version>:<json>"; ok is
-// false for a tombstone ("<version>:") or anything else.
-func cachedBody(v []byte) (body []byte, ok bool) {
+// A cached value is "<version>:<crc>:<json>": the row's version, the
+// CRC-32C (Castagnoli) of the JSON in 8 lowercase hex digits, and the item's
+// JSON exactly as a miss sends it. The checksum lets a hit be checked in
+// about a hundred nanoseconds instead of parsing and re-encoding the JSON;
+// the Lua scripts below read only the version. A tombstone is "<version>:".
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// cacheValue builds the cached value of body, the JSON of an item at version.
+func cacheValue(version int64, body []byte) []byte {
+	v := make([]byte, 0, 30+len(body))
+	v = strconv.AppendInt(v, version, 10)
+	v = append(v, ':')
+	sum := checksum(body)
+	v = append(v, sum[:]...)
+	v = append(v, ':')
+	return append(v, body...)
+}
+
+// checksum is the CRC-32C of body in 8 lowercase hex digits.
+func checksum(body []byte) [8]byte {
+	var sum [4]byte
+	var digits [8]byte
+	binary.BigEndian.PutUint32(sum[:], crc32.Checksum(body, castagnoli))
+	hex.Encode(digits[:], sum[:])
+	return digits
+}
+
+// cachedBody returns the JSON in v, a cached value of item id, with ok true
+// if v is what cacheValue writes for that item: a version, the checksum of
+// the JSON, and JSON that begins {"id":<id>,. tombstone reports a
+// "<version>:" left by a write. Anything else (a value written by another
+// program, cut short, or copied from another item's key) is neither.
+func cachedBody(v []byte, id int64) (body []byte, ok, tombstone bool) {
 	i := bytes.IndexByte(v, ':')
-	if i < 1 || i > 19 || i == len(v)-1 || strings.TrimLeft(string(v[:i]), "0123456789") != "" {
-		return nil, false
+	if i < 1 || i > 19 || !allDigits(v[:i]) {
+		return nil, false, false
 	}
-	return v[i+1:], true
+	rest := v[i+1:]
+	if len(rest) == 0 {
+		return nil, false, true
+	}
+	if len(rest) < 9 || rest[8] != ':' {
+		return nil, false, false
+	}
+	body = rest[9:]
+	sum := checksum(body)
+	var prefix [32]byte
+	want := strconv.AppendInt(append(prefix[:0], `{"id":`...), id, 10)
+	if !bytes.Equal(rest[:8], sum[:]) || !bytes.HasPrefix(body, append(want, ',')) {
+		return nil, false, false
+	}
+	return body, true, false
+}
+
+func allDigits(b []byte) bool {
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // fillScript caches a value unless the key holds a newer one, or the read
 // it comes from began before this Redis server was found restarted (its
 // tombstones may have been lost with the restart).
 // KEYS[1]: the item's key; KEYS[2]: the restart mark (see onConnect).
-// ARGV[1]: the version read from PostgreSQL; ARGV[2]: the value,
-// "<version>:<json>"; ARGV[3]: its TTL in ms; ARGV[4]: when the read began,
+// ARGV[1]: the version read from PostgreSQL; ARGV[2]: the value
+// (cacheValue); ARGV[3]: its TTL in ms; ARGV[4]: when the read began,
 // in Unix ms. A key of another type (pcall returns an error table) is
 // replaced.
 var fillScript = redis.NewScript(`
@@ -270,10 +350,7 @@ func (c *Cache) Fill(ctx context.Context, it Item, body []byte, readStart time.T
 	if time.Since(readStart) > c.fillWindow || c.quarantined() || !c.allow() {
 		return
 	}
-	value := make([]byte, 0, 20+len(body))
-	value = append(strconv.AppendInt(value, it.Version, 10), ':')
-	value = append(value, body...)
-	err := fillScript.Run(ctx, c.rdb, []string{c.Key(it.ID), c.restartKey()}, it.Version, value,
+	err := fillScript.Run(ctx, c.rdb, []string{c.Key(it.ID), c.restartKey()}, it.Version, cacheValue(it.Version, body),
 		c.ttl.Milliseconds(), readStart.UnixMilli()).Err()
 	switch {
 	case err == nil:
@@ -485,17 +562,24 @@ func isReplyError(err error) bool {
 	return errors.As(err, &re)
 }
 
-// rejectLogInterval bounds the log to one line per interval about commands
-// Redis refuses, so that a full Redis (every SET refused) does not flood it.
-const rejectLogInterval = time.Minute
+// rareLogInterval bounds the log to one line per interval about commands
+// Redis refuses and values it holds that this service did not write, so
+// that a full Redis (every SET refused) or a key another program keeps
+// rewriting does not flood it.
+const rareLogInterval = time.Minute
 
 func (c *Cache) rejected(op, key string, err error) {
 	c.errors.Add(1)
+	c.warnRarely("redis refused a command; carrying on without the cache for it", "op", op, "key", key, "err", err)
+}
+
+// warnRarely logs a warning unless one was logged less than
+// rareLogInterval ago.
+func (c *Cache) warnRarely(msg string, args ...any) {
 	now := time.Now().UnixNano()
-	last := c.lastRejectLog.Load()
-	if now-last >= int64(rejectLogInterval) && c.lastRejectLog.CompareAndSwap(last, now) {
-		c.log.Warn("redis refused a command; carrying on without the cache for it (logged at most once a minute)",
-			"op", op, "key", key, "err", err)
+	last := c.lastRareLog.Load()
+	if now-last >= int64(rareLogInterval) && c.lastRareLog.CompareAndSwap(last, now) {
+		c.log.Warn(msg+" (such warnings are logged at most once a minute)", args...)
 	}
 }
 

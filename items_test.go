@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"log/slog"
 	"maps"
@@ -164,11 +165,12 @@ func TestFailedCreateWritesNothing(t *testing.T) {
 
 // TestCacheAside: the first GET is a MISS that fills Redis with the body and
 // the TTL, the second a HIT with byte-identical body; a cached value that
-// does not decode is a MISS and is replaced.
+// this service did not write for that item is a MISS and is replaced.
 func TestCacheAside(t *testing.T) {
 	cfg := testConfig(t)
 	cfg.CacheTTL = 90 * time.Second
-	log := newLogBuffer(t).logger()
+	logs := newLogBuffer(t)
+	log := logs.logger()
 	cache := newTestCache(t, cfg, log)
 	base := testServer(t, log, newTestStore(t, cfg, log), cache)
 	it := createItem(t, base, `{"name":"cached","description":"<b>&</b>"}`)
@@ -189,18 +191,31 @@ func TestCacheAside(t *testing.T) {
 	if string(miss.body) != string(hit.body) {
 		t.Errorf("bodies differ: MISS %q, HIT %q", miss.body, hit.body)
 	}
-	cached := "1:" + strings.TrimSuffix(string(miss.body), "\n") // "<version>:<body>"
+	body := strings.TrimSuffix(string(miss.body), "\n")
+	// "<version>:<CRC-32C of the body>:<body>"
+	cached := fmt.Sprintf("1:%08x:%s", crc32.Checksum([]byte(body), crc32.MakeTable(crc32.Castagnoli)), body)
 	stored, err := cache.rdb.Get(t.Context(), key).Result()
 	if err != nil || stored != cached {
-		t.Errorf("Redis %s: got %q, %v; want %q, the version and the body", key, stored, err, cached)
+		t.Errorf("Redis %s: got %q, %v; want %q, the version, the checksum and the body", key, stored, err, cached)
 	}
 	ttl, err := cache.rdb.PTTL(t.Context(), key).Result()
 	if err != nil || ttl <= 80*time.Second || ttl > 90*time.Second {
 		t.Errorf("TTL of %s: got %v, %v; want just under CACHE_TTL=90s", key, ttl, err)
 	}
 
-	for _, bad := range []string{"not json", "1:not json", `1:{"id":999999,"name":"other"}`, `1:[]`, "1:", "x1:" + cached[2:],
-		strings.TrimSuffix(cached, "}") + `,"extra":1}`, cached + "  ", strings.TrimPrefix(cached, "1:")} {
+	other := createItem(t, base, `{"name":"other"}`)
+	otherURL := fmt.Sprintf("%s/items/%d", base, other.ID)
+	do(t, "GET", otherURL, "")
+	othersValue, err := cache.rdb.Get(t.Context(), cache.Key(other.ID)).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := cached[2:10]
+	for _, bad := range []string{"not json", "1:not json", "1:" + sum + ":not json", `1:{"id":999999,"name":"other"}`, `1:[]`, "1:" + sum,
+		"1:" + sum + ":", "x1:" + cached[2:], strings.TrimSuffix(cached, "}") + `,"extra":1}`, cached + "  ", cached[:len(cached)-1],
+		strings.TrimPrefix(cached, "1:"), "1:" + body, "1:00000000:" + body, "1:" + strings.ToUpper(sum) + ":" + body,
+		othersValue, // another item's value, checksum and all
+	} {
 		if err := cache.rdb.Set(t.Context(), key, bad, time.Minute).Err(); err != nil {
 			t.Fatal(err)
 		}
@@ -213,11 +228,12 @@ func TestCacheAside(t *testing.T) {
 		}
 	}
 
+	if n := logs.count("a cached value is not what this service caches"); n != 1 {
+		t.Errorf("warnings about the values above: got %d; want 1 (at most one a minute)", n)
+	}
+
 	// A key of another type (WRONGTYPE) is a miss for that item, replaced by
 	// the next fill; Redis is not bypassed for the other items.
-	other := createItem(t, base, `{"name":"other"}`)
-	otherURL := fmt.Sprintf("%s/items/%d", base, other.ID)
-	do(t, "GET", otherURL, "")
 	if err := cache.rdb.Del(t.Context(), key).Err(); err != nil {
 		t.Fatal(err)
 	}
