@@ -317,11 +317,16 @@ var tooLarge = &apiError{Status: http.StatusRequestEntityTooLarge,
 
 var newline = []byte("\n")
 
+// jsonContentType is the Content-Type header's value, shared by every
+// response rather than allocated for each: net/http copies header values
+// before it writes them, and nothing here changes one in place.
+var jsonContentType = []string{"application/json"}
+
 // writeJSON sends body, which must be JSON, and a newline.
 func writeJSON(w http.ResponseWriter, status int, body []byte) {
 	h := w.Header()
-	h.Set("Content-Type", "application/json")
-	h.Set("Content-Length", strconv.Itoa(len(body)+1))
+	h["Content-Type"] = jsonContentType
+	h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
 	w.WriteHeader(status)
 	w.Write(body)
 	w.Write(newline)
@@ -591,6 +596,7 @@ func noteError(w http.ResponseWriter, err error) {
 // 503, an error for a 500), turns a panic into a logged 500, and replaces
 // the mux's plain-text 404 and 405 answers with JSON ones.
 func logRequests(log *slog.Logger, next http.Handler) http.Handler {
+	handler := log.Handler()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &recorder{ResponseWriter: w, r: r}
@@ -612,23 +618,34 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 				}
 				rec.err = err
 			}
-			attrs := [...]slog.Attr{
-				slog.String("method", r.Method),
-				slog.String("route", r.Pattern),
-				slog.String("path", r.URL.EscapedPath()),
-				slog.Int("status", rec.status),
-				slog.Duration("duration", time.Since(start)),
-				slog.String("cache", w.Header().Get("X-Cache")),
-				slog.Any("err", rec.err),
-			}
-			level, n := slog.LevelInfo, len(attrs)-1
+			level := slog.LevelInfo
 			if rec.err != nil {
-				level, n = slog.LevelWarn, len(attrs)
+				level = slog.LevelWarn
 				if rec.status >= 500 && rec.status != http.StatusServiceUnavailable {
 					level = slog.LevelError
 				}
 			}
-			log.LogAttrs(r.Context(), level, "request", attrs[:n]...)
+			if !handler.Enabled(r.Context(), level) {
+				return
+			}
+			// The record is made here rather than by log.LogAttrs, which
+			// would read the clock again and walk the stack for a source
+			// location that the log does not print: together a fifth of
+			// the line's cost.
+			end := time.Now()
+			line := slog.NewRecord(end, level, "request", 0)
+			line.AddAttrs(
+				slog.String("method", r.Method),
+				slog.String("route", r.Pattern),
+				slog.String("path", r.URL.EscapedPath()),
+				slog.Int("status", rec.status),
+				slog.Duration("duration", end.Sub(start)),
+				slog.String("cache", w.Header().Get("X-Cache")),
+			)
+			if rec.err != nil {
+				line.AddAttrs(slog.Any("err", rec.err))
+			}
+			handler.Handle(r.Context(), line)
 		}()
 		next.ServeHTTP(rec, r)
 		if rec.status == 0 {
