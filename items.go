@@ -82,8 +82,12 @@ func newItems(log *slog.Logger, store *Store, cache *Cache) *Items {
 
 // Get returns the JSON of item id and what the cache contributed: Redis
 // first; on a miss PostgreSQL, then Redis is filled. Concurrent misses for
-// the same id wait for one query. Errors: ErrNotFound, ErrUnavailable,
-// or ctx's error if the caller gives up first.
+// the same id wait for one query. Errors: ErrNotFound, ErrUnavailable.
+//
+// The query runs on the first caller's goroutine (singleflight's Do, not
+// DoChan: a goroutine per query would start with a small stack and spend a
+// tenth of a read's CPU growing it into pgx's). So a caller whose client
+// has hung up still waits for the query, at most DB_QUERY_TIMEOUT.
 func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
 	body, outcome := s.cache.Get(ctx, id)
 	s.count(outcome)
@@ -96,18 +100,13 @@ func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
 	// The query is shared, so one caller hanging up must not cancel it for
 	// the others; it is still bounded by DB_QUERY_TIMEOUT.
 	shared := context.WithoutCancel(ctx)
-	ch := s.flights.DoChan(strconv.FormatInt(id, 10), func() (any, error) {
+	v, err, _ := s.flights.Do(strconv.FormatInt(id, 10), func() (any, error) {
 		return s.read(shared, id, fill)
 	})
-	select {
-	case res := <-ch:
-		if res.Err != nil {
-			return nil, outcome, res.Err
-		}
-		return res.Val.([]byte), outcome, nil
-	case <-ctx.Done():
-		return nil, outcome, ctx.Err()
+	if err != nil {
+		return nil, outcome, err
 	}
+	return v.([]byte), outcome, nil
 }
 
 // read is one PostgreSQL read of an item, and the cache fill if asked.
