@@ -857,7 +857,7 @@ func benchHandler(b *testing.B) (http.Handler, *Store, *Cache) {
 	quiet := slog.New(slog.DiscardHandler)
 	store := newTestStore(b, cfg, quiet)
 	cache := newTestCache(b, cfg, quiet)
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	log := newLogger(Config{}, io.Discard)
 	return newServer(log, newItems(log, store, cache)), store, cache
 }
 

@@ -155,7 +155,7 @@ func (l *logBuffer) String() string {
 func (l *logBuffer) count(s string) int { return strings.Count(l.String(), s) }
 
 func (l *logBuffer) logger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	return newLogger(Config{LogLevel: slog.LevelDebug}, l)
 }
 
 // testServer serves the API over real HTTP and returns its base URL.
@@ -1253,4 +1253,60 @@ func TestDebugVars(t *testing.T) {
 	if len(vars.Cmdline) == 0 || vars.Memstats.HeapAlloc == 0 {
 		t.Errorf("expvar's own cmdline and memstats are missing: %s", res.body)
 	}
+}
+
+// requestLineBySlog is the line slog's TextHandler writes for the same
+// request, for appendRequestLine to match.
+func requestLineBySlog(t time.Time, method, route, path string, status int, d time.Duration, cache string) string {
+	var b bytes.Buffer
+	r := slog.NewRecord(t, slog.LevelInfo, "request", 0)
+	r.AddAttrs(slog.String("method", method), slog.String("route", route), slog.String("path", path),
+		slog.Int("status", status), slog.Duration("duration", d), slog.String("cache", cache))
+	slog.NewTextHandler(&b, nil).Handle(context.Background(), r)
+	return b.String()
+}
+
+// TestRequestLine: the request log line written without slog is byte for
+// byte the one slog's TextHandler writes, or is left to slog.
+func TestRequestLine(t *testing.T) {
+	at := time.Date(2026, 11, 29, 19, 17, 46, 160_999_999, time.UTC)
+	cases := []struct {
+		method, route, path, cache string
+		status                     int
+		d                          time.Duration
+		t                          time.Time
+	}{
+		{"GET", "GET /items/{id}", "/items/1", "HIT", 200, 180193 * time.Nanosecond, at},
+		{"GET", "", "/nope", "", 404, 16 * time.Microsecond, at.Add(-160_999_999)},
+		{"POST", "POST /items", "/items", "", 201, 1612313 * time.Microsecond, at.In(time.FixedZone("x", -5*3600))},
+		{"GET", "GET /items/{id}", `/items/a=b"c\d`, "MISS", 400, 0, at.Add(999_999)},
+		{"GET", "GET /items/{id}", "/items/%20x", "BYPASS", 200, time.Hour, at},
+		{"GET", "GET /items/{id}", "/items/\x01\t", "\x7f", 400, time.Nanosecond, at},
+		{"M", "r", "p", "c", 999, -time.Second, time.Unix(0, 0).UTC()},
+	}
+	for _, c := range cases {
+		line, ok := appendRequestLine(nil, c.t, c.method, c.route, c.path, c.status, c.d, c.cache)
+		want := requestLineBySlog(c.t, c.method, c.route, c.path, c.status, c.d, c.cache)
+		if !ok || string(line) != want {
+			t.Errorf("appendRequestLine: got %q, %v; want %q", line, ok, want)
+		}
+	}
+	if _, ok := appendRequestLine(nil, at, "GET", "", "/é", 404, 0, ""); ok {
+		t.Error("appendRequestLine wrote a path with a byte outside ASCII; want it left to slog")
+	}
+}
+
+func FuzzRequestLine(f *testing.F) {
+	f.Add("GET", "GET /items/{id}", "/items/1", "HIT", 200, int64(180193), int64(1795000000160999999))
+	f.Add("", "", "", "", 0, int64(0), int64(0))
+	f.Fuzz(func(t *testing.T, method, route, path, cache string, status int, d, unixNano int64) {
+		at := time.Unix(0, unixNano).UTC()
+		line, ok := appendRequestLine(nil, at, method, route, path, status, time.Duration(d), cache)
+		if !ok {
+			return
+		}
+		if want := requestLineBySlog(at, method, route, path, status, time.Duration(d), cache); string(line) != want {
+			t.Fatalf("appendRequestLine: got %q; want %q", line, want)
+		}
+	})
 }
