@@ -39,9 +39,6 @@ import (
 const defaultGOGC = 400
 
 func main() {
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(defaultGOGC)
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args, os.Getenv, os.Stdout); err != nil {
@@ -68,7 +65,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	out := newLogWriter(stdout, logFlushInterval)
 	defer out.Close()
 	log := newLogger(cfg, out)
-	log.Info("starting", "config", cfg)
+	gogc := getenv("GOGC")
+	if gogc == "" {
+		gogc = strconv.Itoa(defaultGOGC)
+		debug.SetGCPercent(defaultGOGC)
+	}
+	log.Info("starting", "config", cfg, "GOGC", gogc)
+	if cfg.ShutdownTimeout <= cfg.DBQueryTimeout {
+		log.Warn("SHUTDOWN_TIMEOUT is not above DB_QUERY_TIMEOUT: requests still waiting on PostgreSQL at shutdown may be cut off",
+			"SHUTDOWN_TIMEOUT", cfg.ShutdownTimeout, "DB_QUERY_TIMEOUT", cfg.DBQueryTimeout)
+	}
 
 	store, err := openStore(ctx, cfg, log)
 	if err != nil {
