@@ -37,9 +37,9 @@ var (
 )
 
 // Store is the items table behind a bounded pool of PostgreSQL connections.
-// Every method bounds its query by the configured query timeout (the
-// caller's cancellation does not stop it: see queryContext), and returns
-// ErrNotFound or an error wrapping ErrUnavailable where those apply.
+// Every method bounds its query by the configured query timeout on top of
+// the caller's context, and returns ErrNotFound or an error wrapping
+// ErrUnavailable where those apply.
 type Store struct {
 	db       *sql.DB
 	timeout  time.Duration
@@ -156,17 +156,6 @@ func (s *Store) Ping(ctx context.Context) error {
 	return s.classify(s.db.PingContext(ctx))
 }
 
-// queryContext bounds a query by the query timeout, and detaches it from
-// ctx's cancellation: a query is not cancelled when its client goes away.
-// It is short (bounded anyway), a write that ran to the end has a known
-// outcome (so no long tombstone, see Items.written), and pgx closes a
-// connection whose query was cancelled (pgconn's default
-// DeadlineContextWatcherHandler), which under a load of impatient clients
-// would mean a new connection per abandoned request.
-func (s *Store) queryContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.WithoutCancel(ctx), s.timeout)
-}
-
 // itemColumns are the columns every query returns, in Item's scan order.
 const itemColumns = "id, name, description, version"
 
@@ -184,7 +173,7 @@ func (s *Store) scanItem(row interface{ Scan(...any) error }) (Item, error) {
 // CreateItem inserts an item and returns it as stored, with its new id and
 // version 1.
 func (s *Store) CreateItem(ctx context.Context, name string, description *string) (Item, error) {
-	ctx, cancel := s.queryContext(ctx)
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	return s.scanItem(s.db.QueryRowContext(ctx,
 		"INSERT INTO items (name, description) VALUES ($1, $2) RETURNING "+itemColumns,
@@ -193,7 +182,7 @@ func (s *Store) CreateItem(ctx context.Context, name string, description *string
 
 // GetItem returns the item with the given id, or ErrNotFound.
 func (s *Store) GetItem(ctx context.Context, id int64) (Item, error) {
-	ctx, cancel := s.queryContext(ctx)
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	return s.scanItem(s.db.QueryRowContext(ctx,
 		"SELECT "+itemColumns+" FROM items WHERE id = $1::bigint", id))
@@ -203,7 +192,7 @@ func (s *Store) GetItem(ctx context.Context, id int64) (Item, error) {
 // order: keyset pagination, so a page costs one index range scan however
 // deep it is, and rows created or deleted meanwhile never shift a page.
 func (s *Store) ListItems(ctx context.Context, after int64, limit int) ([]Item, error) {
-	ctx, cancel := s.queryContext(ctx)
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	rows, err := s.db.QueryContext(ctx,
 		"SELECT "+itemColumns+" FROM items WHERE id > $1::bigint ORDER BY id LIMIT $2", after, limit)
@@ -225,7 +214,7 @@ func (s *Store) ListItems(ctx context.Context, after int64, limit int) ([]Item, 
 // ReplaceItem sets both fields of item id (a nil description stores NULL),
 // adds one to its version and returns it as stored, or ErrNotFound.
 func (s *Store) ReplaceItem(ctx context.Context, id int64, name string, description *string) (Item, error) {
-	ctx, cancel := s.queryContext(ctx)
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	return s.scanItem(s.db.QueryRowContext(ctx,
 		"UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING "+itemColumns,
@@ -238,7 +227,7 @@ func (s *Store) ReplaceItem(ctx context.Context, id int64, name string, descript
 // statement, so concurrent patches of different fields never undo each
 // other.
 func (s *Store) PatchItem(ctx context.Context, id int64, name *string, setDescription bool, description *string) (Item, error) {
-	ctx, cancel := s.queryContext(ctx)
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	return s.scanItem(s.db.QueryRowContext(ctx,
 		`UPDATE items SET name = COALESCE($2, name),
@@ -250,7 +239,7 @@ func (s *Store) PatchItem(ctx context.Context, id int64, name *string, setDescri
 
 // DeleteItem deletes item id and returns the version it had, or ErrNotFound.
 func (s *Store) DeleteItem(ctx context.Context, id int64) (version int64, err error) {
-	ctx, cancel := s.queryContext(ctx)
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	err = s.db.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version)
 	return version, s.classify(err)
