@@ -246,10 +246,12 @@ func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
 }
 
 // A cached value is "<version>:<crc>:<json>": the row's version, the
-// CRC-32C (Castagnoli) of the JSON in 8 lowercase hex digits, and the item's
-// JSON exactly as a miss sends it. The checksum lets a hit be checked in
-// about a hundred nanoseconds instead of parsing and re-encoding the JSON;
-// the Lua scripts below read only the version. A tombstone is "<version>:".
+// CRC-32C (Castagnoli) of "<version>:" and the JSON together, in 8
+// lowercase hex digits, and the item's JSON exactly as a miss sends it. The
+// checksum lets a hit be checked in about a hundred nanoseconds instead of
+// parsing and re-encoding the JSON, and covers the version so that an
+// edited version (which the scripts would trust) does not pass either; the
+// Lua scripts below read only the version. A tombstone is "<version>:".
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // cacheValue builds the cached value of body, the JSON of an item at version.
@@ -257,24 +259,25 @@ func cacheValue(version int64, body []byte) []byte {
 	v := make([]byte, 0, 30+len(body))
 	v = strconv.AppendInt(v, version, 10)
 	v = append(v, ':')
-	sum := checksum(body)
+	sum := checksum(v, body)
 	v = append(v, sum[:]...)
 	v = append(v, ':')
 	return append(v, body...)
 }
 
-// checksum is the CRC-32C of body in 8 lowercase hex digits.
-func checksum(body []byte) [8]byte {
+// checksum is the CRC-32C of version ("<version>:") followed by body, in 8
+// lowercase hex digits.
+func checksum(version, body []byte) [8]byte {
 	var sum [4]byte
 	var digits [8]byte
-	binary.BigEndian.PutUint32(sum[:], crc32.Checksum(body, castagnoli))
+	binary.BigEndian.PutUint32(sum[:], crc32.Update(crc32.Checksum(version, castagnoli), castagnoli, body))
 	hex.Encode(digits[:], sum[:])
 	return digits
 }
 
 // cachedBody returns the JSON in v, a cached value of item id, with ok true
 // if v is what cacheValue writes for that item: a version, the checksum of
-// the JSON, and JSON that begins {"id":<id>,. tombstone reports a
+// it and the JSON, and JSON that begins {"id":<id>,. tombstone reports a
 // "<version>:" left by a write. Anything else (a value written by another
 // program, cut short, or copied from another item's key) is neither.
 func cachedBody(v []byte, id int64) (body []byte, ok, tombstone bool) {
@@ -290,7 +293,7 @@ func cachedBody(v []byte, id int64) (body []byte, ok, tombstone bool) {
 		return nil, false, false
 	}
 	body = rest[9:]
-	sum := checksum(body)
+	sum := checksum(v[:i+1], body)
 	var prefix [32]byte
 	want := strconv.AppendInt(append(prefix[:0], `{"id":`...), id, 10)
 	if !bytes.Equal(rest[:8], sum[:]) || !bytes.HasPrefix(body, append(want, ',')) {

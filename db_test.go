@@ -118,6 +118,33 @@ func TestPostgresHung(t *testing.T) {
 	})
 }
 
+// TestAbandonedReadIsLogged499: a client that hangs up while its item is
+// read from PostgreSQL is logged as 499, though the shared read goes on and
+// succeeds (and fills the cache for the next reader).
+func TestAbandonedReadIsLogged499(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.DBQueryTimeout = 2 * time.Second
+	base, pg, it, logs := pgBehindProxy(t, cfg)
+	pg.stall()
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), nil)
+	if _, err := http.DefaultClient.Do(req); err == nil {
+		t.Fatal("GET with a 100 ms client timeout succeeded while PostgreSQL was stalled")
+	}
+	time.Sleep(200 * time.Millisecond)
+	pg.resume()
+	waitFor(t, "the abandoned request's log line", func() bool {
+		return logs.count(fmt.Sprintf("path=/items/%d status=499", it.ID)) == 1
+	})
+	if n := logs.count(fmt.Sprintf("path=/items/%d status=200", it.ID)); n != 0 {
+		t.Errorf("the abandoned GET was logged as 200 (%d lines); want 499", n)
+	}
+	if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), ""); res.header.Get("X-Cache") != "HIT" {
+		t.Errorf("GET after the abandoned read: X-Cache %q; want HIT (the shared read filled the cache)", res.header.Get("X-Cache"))
+	}
+}
+
 // TestHandMadeTable: a table created by hand with the original design's
 // `id SERIAL PRIMARY KEY` (an int4 id) is kept and works, including ids
 // beyond int4's range.

@@ -192,8 +192,8 @@ func TestCacheAside(t *testing.T) {
 		t.Errorf("bodies differ: MISS %q, HIT %q", miss.body, hit.body)
 	}
 	body := strings.TrimSuffix(string(miss.body), "\n")
-	// "<version>:<CRC-32C of the body>:<body>"
-	cached := fmt.Sprintf("1:%08x:%s", crc32.Checksum([]byte(body), crc32.MakeTable(crc32.Castagnoli)), body)
+	// "<version>:<CRC-32C of "<version>:" and the body>:<body>"
+	cached := fmt.Sprintf("1:%08x:%s", crc32.Checksum([]byte("1:"+body), crc32.MakeTable(crc32.Castagnoli)), body)
 	stored, err := cache.rdb.Get(t.Context(), key).Result()
 	if err != nil || stored != cached {
 		t.Errorf("Redis %s: got %q, %v; want %q, the version, the checksum and the body", key, stored, err, cached)
@@ -214,7 +214,8 @@ func TestCacheAside(t *testing.T) {
 	for _, bad := range []string{"not json", "1:not json", "1:" + sum + ":not json", `1:{"id":999999,"name":"other"}`, `1:[]`, "1:" + sum,
 		"1:" + sum + ":", "x1:" + cached[2:], strings.TrimSuffix(cached, "}") + `,"extra":1}`, cached + "  ", cached[:len(cached)-1],
 		strings.TrimPrefix(cached, "1:"), "1:" + body, "1:00000000:" + body, "1:" + strings.ToUpper(sum) + ":" + body,
-		othersValue, // another item's value, checksum and all
+		othersValue,  // another item's value, checksum and all
+		"0" + cached, // the version edited (0 leads, so it is not higher)
 	} {
 		if err := cache.rdb.Set(t.Context(), key, bad, time.Minute).Err(); err != nil {
 			t.Fatal(err)

@@ -662,7 +662,7 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case r.Context().Err() != nil:
 		// The client went away (or gave up): nothing is wrong with the
 		// database, and nobody reads this answer. 499 as in nginx's logs.
-		ae = &apiError{Status: 499, Message: "client closed the request"}
+		ae = &apiError{Status: statusClientClosedRequest, Message: "client closed the request"}
 	case errors.Is(err, ErrUnavailable):
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")
@@ -755,11 +755,21 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 			handler.Handle(r.Context(), line)
 		}()
 		next.ServeHTTP(rec, r)
-		if rec.status == 0 {
+		switch {
+		case r.Context().Err() != nil && rec.err == nil:
+			// The client went away before its answer (which is written
+			// out only after the handler returns): 499, as nginx logs it,
+			// whatever the handler answered.
+			rec.status = statusClientClosedRequest
+		case rec.status == 0:
 			rec.status = http.StatusOK
 		}
 	})
 }
+
+// statusClientClosedRequest is nginx's 499, logged for a request whose
+// client hung up before its answer; it is never sent.
+const statusClientClosedRequest = 499
 
 // lineBuffers holds buffers for request log lines (*[]byte).
 var lineBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 256); return &b }}
