@@ -34,6 +34,9 @@ var (
 	// ErrUnavailable means PostgreSQL could not be reached or did not answer
 	// within the query timeout. It is temporary: the pool reconnects by itself.
 	ErrUnavailable = errors.New("database unavailable")
+	// ErrNotSent marks a write that failed before its statement was sent:
+	// no pooled connection could be had. It comes with ErrUnavailable.
+	ErrNotSent = errors.New("no connection to send the statement on")
 )
 
 // Store is the items table behind a bounded pool of PostgreSQL connections.
@@ -213,12 +216,14 @@ func (s *Store) ListItems(ctx context.Context, after int64, limit int) ([]Item, 
 
 // ReplaceItem sets both fields of item id (a nil description stores NULL),
 // adds one to its version and returns it as stored, or ErrNotFound.
-func (s *Store) ReplaceItem(ctx context.Context, id int64, name string, description *string) (Item, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	return s.scanItem(s.db.QueryRowContext(ctx,
-		"UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING "+itemColumns,
-		id, name, description))
+func (s *Store) ReplaceItem(ctx context.Context, id int64, name string, description *string) (it Item, err error) {
+	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
+		it, err = s.scanItem(c.QueryRowContext(ctx,
+			"UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING "+itemColumns,
+			id, name, description))
+		return err
+	})
+	return it, err
 }
 
 // PatchItem changes only the fields given: name if it is not nil, and
@@ -226,23 +231,42 @@ func (s *Store) ReplaceItem(ctx context.Context, id int64, name string, descript
 // to the version and returns the item as stored, or ErrNotFound. It is one
 // statement, so concurrent patches of different fields never undo each
 // other.
-func (s *Store) PatchItem(ctx context.Context, id int64, name *string, setDescription bool, description *string) (Item, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	return s.scanItem(s.db.QueryRowContext(ctx,
-		`UPDATE items SET name = COALESCE($2, name),
-			description = CASE WHEN $3 THEN $4 ELSE description END,
-			version = version + 1
-		WHERE id = $1::bigint RETURNING `+itemColumns,
-		id, name, setDescription, description))
+func (s *Store) PatchItem(ctx context.Context, id int64, name *string, setDescription bool, description *string) (it Item, err error) {
+	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
+		it, err = s.scanItem(c.QueryRowContext(ctx,
+			`UPDATE items SET name = COALESCE($2, name),
+				description = CASE WHEN $3 THEN $4 ELSE description END,
+				version = version + 1
+			WHERE id = $1::bigint RETURNING `+itemColumns,
+			id, name, setDescription, description))
+		return err
+	})
+	return it, err
 }
 
 // DeleteItem deletes item id and returns the version it had, or ErrNotFound.
 func (s *Store) DeleteItem(ctx context.Context, id int64) (version int64, err error) {
+	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
+		return s.classify(c.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version))
+	})
+	return version, err
+}
+
+// write runs a statement that changes an item (its errors classified by
+// the statement) on a connection taken from the pool first, within the
+// query timeout. If no connection could be had (the pool stayed full, the
+// client gave up while waiting, or PostgreSQL could not be reached), the
+// error wraps ErrNotSent: nothing was written, and the cache may keep its
+// value.
+func (s *Store) write(ctx context.Context, statement func(context.Context, *sql.Conn) error) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	err = s.db.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version)
-	return version, s.classify(err)
+	c, err := s.db.Conn(ctx)
+	if err != nil {
+		return s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
+	}
+	defer c.Close()
+	return statement(ctx, c)
 }
 
 // classify is classify, and after a query that timed out it also drops the

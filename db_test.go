@@ -248,6 +248,47 @@ func TestWriteWithUnknownOutcome(t *testing.T) {
 	}
 }
 
+// TestWriteNeverSent: a write that never got a pooled connection (the pool
+// stayed full past DB_QUERY_TIMEOUT, or its client gave up while waiting)
+// wrote nothing, so it leaves the cached value alone: no long tombstone.
+func TestWriteNeverSent(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.DBQueryTimeout = 500 * time.Millisecond
+	cfg.DBMaxConns = 1
+	log := newLogBuffer(t).logger()
+	store := newTestStore(t, cfg, log)
+	cache := newTestCache(t, cfg, log)
+	base := testServer(t, log, store, cache)
+	it := createItem(t, base, `{"name":"cached"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	if got := do(t, "GET", url, "").header.Get("X-Cache") + " " + do(t, "GET", url, "").header.Get("X-Cache"); got != "MISS HIT" {
+		t.Fatalf("priming the cache: got %s; want MISS HIT", got)
+	}
+
+	held, err := store.db.Conn(t.Context()) // the pool's only connection
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One client gives up while waiting, another waits past the timeout.
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "PATCH", url, strings.NewReader(`{"name":"abandoned"}`))
+	req.Header.Set("Content-Type", "application/json")
+	if _, err := http.DefaultClient.Do(req); err == nil {
+		t.Fatal("PATCH with a 100 ms client timeout succeeded with the pool held")
+	}
+	checkUnavailable(t, cfg, "DELETE", url, "")
+	held.Close()
+
+	key := cache.Key(it.ID)
+	if v, err := cache.rdb.Get(t.Context(), key).Result(); err != nil || !strings.HasPrefix(v, "1:") {
+		t.Errorf("Redis %s after writes that were never sent: %q, %v; want the cached version 1 untouched", key, v, err)
+	}
+	if res := do(t, "GET", url, ""); res.status != 200 || res.header.Get("X-Cache") != "HIT" || !strings.Contains(string(res.body), `"cached"`) {
+		t.Errorf("GET after writes that were never sent: %d %s %s; want a HIT of the unchanged item", res.status, res.header.Get("X-Cache"), res.body)
+	}
+}
+
 // TestPostgresPoolSaturated: every pooled connection is stuck in a slow
 // query (a lock another session holds), so later requests wait for a
 // connection. They get 503 within DB_QUERY_TIMEOUT, /health keeps

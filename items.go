@@ -174,11 +174,12 @@ func (s *Items) written(ctx context.Context, id, floor int64, err error) {
 	switch {
 	case errors.Is(err, ErrNotFound):
 		return // nothing was written
-	case errors.As(err, &pgErr) || errors.As(err, new(*pgconn.ConnectError)) || pgconn.SafeToRetry(err):
+	case errors.As(err, &pgErr) || errors.Is(err, ErrNotSent) || errors.As(err, new(*pgconn.ConnectError)) || pgconn.SafeToRetry(err):
 		// PostgreSQL refused the statement, or it was never sent (no
-		// connection, or an error pgx marks as safe to retry because
-		// nothing had been sent): nothing committed, and the cached value
-		// is still the item's.
+		// pooled connection came in time or before the client gave up, or
+		// an error pgx marks as safe to retry because nothing had been
+		// sent): nothing committed, and the cached value is still the
+		// item's.
 		return
 	case err != nil:
 		floor = unknownVersion
