@@ -390,11 +390,19 @@ var newline = []byte("\n")
 // before it writes them, and nothing here changes one in place.
 var jsonContentType = []string{"application/json"}
 
-// writeJSON sends body, which must be JSON, and a newline.
+// unchunkedSize is the size up to which net/http buffers a whole response
+// and sets its Content-Length itself (bufferBeforeChunkingSize in
+// net/http's server.go), without allocating.
+const unchunkedSize = 2048
+
+// writeJSON sends body, which must be JSON, and a newline. A larger
+// response gets its Content-Length here, so that it is not chunked.
 func writeJSON(w http.ResponseWriter, status int, body []byte) {
 	h := w.Header()
 	h["Content-Type"] = jsonContentType
-	h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
+	if len(body)+1 > unchunkedSize {
+		h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
+	}
 	w.WriteHeader(status)
 	w.Write(body)
 	w.Write(newline)
