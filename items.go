@@ -6,7 +6,6 @@ import (
 	"errors"
 	"expvar"
 	"fmt"
-	"log/slog"
 	"math"
 	"net/http"
 	"net/url"
@@ -43,7 +42,6 @@ const (
 type Items struct {
 	store   *Store
 	cache   *Cache
-	log     *slog.Logger
 	flights singleflight.Group // keyed by the id in decimal
 
 	reads   atomic.Int64 // PostgreSQL queries made for single-item reads
@@ -76,8 +74,8 @@ func (s *Items) count(o Outcome) {
 	}
 }
 
-func newItems(log *slog.Logger, store *Store, cache *Cache) *Items {
-	return &Items{store: store, cache: cache, log: log}
+func newItems(store *Store, cache *Cache) *Items {
+	return &Items{store: store, cache: cache}
 }
 
 // Get returns the JSON of item id and what the cache contributed: Redis

@@ -258,7 +258,7 @@ func TestCacheAside(t *testing.T) {
 func TestSlowBody(t *testing.T) {
 	cfg := testConfig(t)
 	log := newLogBuffer(t).logger()
-	srv := &http.Server{Handler: newServer(log, newItems(log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))), ReadTimeout: 300 * time.Millisecond}
+	srv := &http.Server{Handler: newServer(log, newItems(newTestStore(t, cfg, log), newTestCache(t, cfg, log))), ReadTimeout: 300 * time.Millisecond}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -543,7 +543,7 @@ func TestStampede(t *testing.T) {
 	cfg.DBQueryTimeout = 20 * time.Second
 	log := newLogBuffer(t).logger()
 	store := newTestStore(t, cfg, log)
-	items := newItems(log, store, newTestCache(t, cfg, log))
+	items := newItems(store, newTestCache(t, cfg, log))
 	base := serveItems(t, log, items)
 	it := createItem(t, base, `{"name":"cold"}`)
 	url := fmt.Sprintf("%s/items/%d", base, it.ID)
@@ -587,7 +587,7 @@ func TestNoJoiningAReadFromBeforeAWrite(t *testing.T) {
 	}
 	defer store.Close()
 	cache := newTestCache(t, cfg, log)
-	items := newItems(log, store, cache)
+	items := newItems(store, cache)
 	base := serveItems(t, log, items)
 	it := createItem(t, base, `{"name":"old"}`)
 	url := fmt.Sprintf("%s/items/%d", base, it.ID)
@@ -859,7 +859,7 @@ func benchHandler(b *testing.B) (http.Handler, *Store, *Cache) {
 	store := newTestStore(b, cfg, quiet)
 	cache := newTestCache(b, cfg, quiet)
 	log := newLogger(Config{}, io.Discard)
-	return newServer(log, newItems(log, store, cache)), store, cache
+	return newServer(log, newItems(store, cache)), store, cache
 }
 
 func serveOnce(b *testing.B, h http.Handler, req *http.Request, want int) {

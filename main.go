@@ -101,7 +101,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	defer draining.start()
 	var fresh sync.Map // connections with no request yet: net.Conn -> true
 	srv := &http.Server{
-		Handler:           newServer(log, newItems(log, store, cache)),
+		Handler:           newServer(log, newItems(store, cache)),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       15 * time.Second,
 		WriteTimeout:      cfg.DBQueryTimeout + 15*time.Second,

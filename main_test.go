@@ -161,7 +161,7 @@ func (l *logBuffer) logger() *slog.Logger {
 // testServer serves the API over real HTTP and returns its base URL.
 func testServer(t testing.TB, log *slog.Logger, store *Store, cache *Cache) string {
 	t.Helper()
-	return serveItems(t, log, newItems(log, store, cache))
+	return serveItems(t, log, newItems(store, cache))
 }
 
 // serveItems is testServer for a test that looks into items.
