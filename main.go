@@ -98,7 +98,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	// Shutdown starts draining; request bodies still arriving then get
 	// drainGrace to finish (see decode).
 	draining := newDrainer()
-	defer draining.start()
+	defer draining.cancel() // releases the context if shutdown never began
 	var fresh sync.Map // connections with no request yet: net.Conn -> true
 	srv := &http.Server{
 		Handler:           newServer(log, newItems(store, cache)),
