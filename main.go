@@ -99,7 +99,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	// drainGrace to finish (see decode).
 	draining := newDrainer()
 	defer draining.cancel() // releases the context if shutdown never began
-	var fresh sync.Map // connections with no request yet: net.Conn -> true
+	var fresh sync.Map      // connections with no request yet: net.Conn -> true
 	srv := &http.Server{
 		Handler:           newServer(log, newItems(store, cache)),
 		ReadHeaderTimeout: 5 * time.Second,
