@@ -1,9 +1,17 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"go/ast"
+	"go/format"
+	"go/parser"
+	"go/token"
+	"go/types"
+	"hash/crc32"
 	"io"
 	"log/slog"
 	"net"
@@ -11,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -65,7 +74,7 @@ func serveWithRedis(t *testing.T, cfg Config) (string, *logBuffer) {
 	t.Helper()
 	logs := newLogBuffer(t)
 	log := logs.logger()
-	cache := newCache(cfg, log)
+	cache := newCache(cfg, itemShape, log)
 	t.Cleanup(func() { cache.Close() })
 	return testServer(t, log, newTestStore(t, cfg, log), cache), logs
 }
@@ -222,10 +231,10 @@ func TestStaleFillIsRejected(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cache.Fill(t.Context(), old, body, time.Now())
+		cache.Fill(t.Context(), old.ID, old.Version, body, time.Now())
 	}
 
-	old, err := store.GetItem(t.Context(), it.ID) // the slow reader's read
+	old, err := store.Get(t.Context(), it.ID) // the slow reader's read
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -242,7 +251,7 @@ func TestStaleFillIsRejected(t *testing.T) {
 		t.Errorf("GET after a stale fill over v2: got %s %s; want HIT v2", res.header.Get("X-Cache"), res.body)
 	}
 
-	old, err = store.GetItem(t.Context(), it.ID)
+	old, err = store.Get(t.Context(), it.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -263,7 +272,7 @@ func TestStaleFillIsRejected(t *testing.T) {
 	fresh := createItem(t, base, `{"name":"late"}`)
 	fresh.Version = 1
 	body, _ := json.Marshal(fresh)
-	cache.Fill(t.Context(), fresh, body, time.Now().Add(-cache.fillWindow-time.Second))
+	cache.Fill(t.Context(), fresh.ID, 1, body, time.Now().Add(-cache.fillWindow-time.Second))
 	if n := cache.rdb.Exists(t.Context(), cache.Key(fresh.ID)).Val(); n != 0 {
 		t.Errorf("a fill later than fillWindow after its read was stored")
 	}
@@ -563,8 +572,8 @@ func TestNoStaleReads(t *testing.T) {
 // TestNoStaleReadsCatchesBrokenVariants shows that TestNoStaleReads can
 // fail: it copies the package, breaks it as a naive cache-aside would be
 // broken, and runs TestNoStaleReads on the copy, which must report stale
-// reads. Each variant is a replacement that must apply to the source as
-// it is.
+// reads. Each variant edits the copy's syntax tree, finding what it breaks
+// by name, and fails saying what it could not find if the code has changed.
 func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs a copy of the package; skipped with -short")
@@ -574,20 +583,12 @@ func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the go command is needed to build the broken variants: %v", err)
 	}
-	type edit struct{ file, old, new string }
 	variants := []struct {
-		name  string
-		edits []edit
+		name, file string
+		edit       func(*ast.File) error
 	}{
-		{"invalidation before the commit", []edit{
-			{"items.go", "\tit, err := s.store.ReplaceItem(ctx, id, name, description)\n\ts.written(ctx, id, it.Version, err)\n",
-				"\ts.cache.rdb.Del(ctx, s.cache.Key(id))\n\tit, err := s.store.ReplaceItem(ctx, id, name, description)\n"},
-			{"items.go", "\tit, err := s.store.PatchItem(ctx, id, name, setDescription, description)\n\ts.written(ctx, id, it.Version, err)\n",
-				"\ts.cache.rdb.Del(ctx, s.cache.Key(id))\n\tit, err := s.store.PatchItem(ctx, id, name, setDescription, description)\n"},
-		}},
-		{"fills that ignore versions", []edit{
-			{"cache.go", "  if v and v > tonumber(ARGV[1]) then return 0 end\n", ""},
-		}},
+		{"invalidation before the commit", "items.go", invalidateBeforeCommit},
+		{"fills that ignore versions", "cache.go", fillIgnoringVersions},
 	}
 	for _, v := range variants {
 		t.Run(v.name, func(t *testing.T) {
@@ -601,12 +602,9 @@ func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				for _, e := range v.edits {
-					if e.file == f {
-						if strings.Count(string(b), e.old) != 1 {
-							t.Fatalf("%s no longer holds %q once; update this variant", f, e.old)
-						}
-						b = []byte(strings.Replace(string(b), e.old, e.new, 1))
+				if f == v.file {
+					if b, err = editSource(f, b, v.edit); err != nil {
+						t.Fatalf("variant %q cannot break %s: %v; update the variant to the code as it is now", v.name, f, err)
 					}
 				}
 				if err := os.WriteFile(filepath.Join(dir, f), b, 0o644); err != nil {
@@ -617,6 +615,9 @@ func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 			cmd.Dir = dir
 			cmd.Env = append(os.Environ(), "STRESS_DURATION=2s")
 			out, err := cmd.CombinedOutput()
+			if strings.Contains(string(out), "[build failed]") || strings.Contains(string(out), "[setup failed]") {
+				t.Fatalf("variant %q does not build against the code as it is now; update the variant. Output:\n%s", v.name, out)
+			}
 			if err == nil || !strings.Contains(string(out), "stale read: ") {
 				t.Fatalf("TestNoStaleReads on the variant: %v; want it to fail with stale reads. Output:\n%s", err, out)
 			}
@@ -627,6 +628,87 @@ func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 			}
 		})
 	}
+}
+
+// editSource parses a Go file, edits its syntax tree and prints it again.
+func editSource(name string, src []byte, edit func(*ast.File) error) ([]byte, error) {
+	fset := token.NewFileSet()
+	f, err := parser.ParseFile(fset, name, src, parser.ParseComments)
+	if err != nil {
+		return nil, err
+	}
+	if err := edit(f); err != nil {
+		return nil, err
+	}
+	var b bytes.Buffer
+	err = format.Node(&b, fset, f)
+	return b.Bytes(), err
+}
+
+// invalidateBeforeCommit breaks every method of Items that calls written
+// (the invalidation after a write commits, written(ctx, id, ...)): it
+// deletes the cached value first instead, then writes, and does not call
+// written.
+func invalidateBeforeCommit(f *ast.File) error {
+	broken := 0
+	for _, decl := range f.Decls {
+		fn, ok := decl.(*ast.FuncDecl)
+		if !ok || fn.Recv == nil || types.ExprString(fn.Recv.List[0].Type) != "*Items" || len(fn.Recv.List[0].Names) == 0 {
+			continue
+		}
+		recv := fn.Recv.List[0].Names[0].Name
+		for i, stmt := range fn.Body.List {
+			call, ok := stmt.(*ast.ExprStmt)
+			if !ok {
+				continue
+			}
+			c, ok := call.X.(*ast.CallExpr)
+			if sel, isSel := c.Fun.(*ast.SelectorExpr); !ok || !isSel || sel.Sel.Name != "written" || len(c.Args) < 2 {
+				continue
+			}
+			del, err := parser.ParseExpr(fmt.Sprintf("%s.cache.rdb.Del(%s, %s.cache.Key(%s))",
+				recv, types.ExprString(c.Args[0]), recv, types.ExprString(c.Args[1])))
+			if err != nil {
+				return err
+			}
+			// The call's arguments go to _, so that what they use stays used.
+			blanks := make([]ast.Expr, len(c.Args))
+			for j := range blanks {
+				blanks[j] = ast.NewIdent("_")
+			}
+			fn.Body.List[i] = &ast.AssignStmt{Lhs: blanks, Tok: token.ASSIGN, Rhs: c.Args}
+			fn.Body.List = append([]ast.Stmt{&ast.ExprStmt{X: del}}, fn.Body.List...)
+			broken++
+			break
+		}
+	}
+	if broken == 0 {
+		return errors.New("no method of Items calls written(ctx, id, ...) as a statement of its own")
+	}
+	return nil
+}
+
+// fillIgnoringVersions replaces the Lua script of fillScript (a
+// redis.NewScript call) with a plain SET of the value (ARGV[2]) with its
+// TTL in ms (ARGV[3]), as a naive cache-aside fills.
+func fillIgnoringVersions(f *ast.File) error {
+	for _, decl := range f.Decls {
+		gen, ok := decl.(*ast.GenDecl)
+		if !ok {
+			continue
+		}
+		for _, spec := range gen.Specs {
+			vs, ok := spec.(*ast.ValueSpec)
+			if !ok || len(vs.Names) != 1 || vs.Names[0].Name != "fillScript" || len(vs.Values) != 1 {
+				continue
+			}
+			if call, ok := vs.Values[0].(*ast.CallExpr); ok && types.ExprString(call.Fun) == "redis.NewScript" && len(call.Args) == 1 {
+				call.Args[0] = &ast.BasicLit{Kind: token.STRING, Value: "`redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1`"}
+				return nil
+			}
+		}
+	}
+	return errors.New("no var fillScript = redis.NewScript(...)")
 }
 
 // TestTooManyMissedInvalidations: when more invalidations are missed during
@@ -641,9 +723,9 @@ func TestTooManyMissedInvalidations(t *testing.T) {
 	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", p.port()
 	logs := newLogBuffer(t)
 	log := logs.logger()
-	cache := newCache(cfg, log)
+	cache := newCache(cfg, itemShape, log)
 	t.Cleanup(func() { cache.Close() })
-	cache.maxPending = 2
+	cache.outages.maxMissed = 2
 	base := testServer(t, log, newTestStore(t, cfg, log), cache)
 
 	var urls []string
@@ -765,14 +847,14 @@ func TestStaleFillAfterRedisRestart(t *testing.T) {
 	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", redisPort
 	log := newLogBuffer(t).logger()
 	store := newTestStore(t, cfg, log)
-	cache := newCache(cfg, log)
+	cache := newCache(cfg, itemShape, log)
 	defer cache.Close()
 	base := testServer(t, log, store, cache)
 	it := createItem(t, base, `{"name":"old"}`)
 	url := fmt.Sprintf("%s/items/%d", base, it.ID)
 
 	readStart := time.Now()
-	old, err := store.GetItem(t.Context(), it.ID)
+	old, err := store.Get(t.Context(), it.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -782,11 +864,149 @@ func TestStaleFillAfterRedisRestart(t *testing.T) {
 	stop()
 	startRedis(t, redisPort)
 	body, _ := json.Marshal(old)
-	cache.Fill(t.Context(), old, body, readStart)
+	cache.Fill(t.Context(), old.ID, old.Version, body, readStart)
 	if res := do(t, "GET", url, ""); !strings.Contains(string(res.body), `"new"`) || res.header.Get("X-Cache") != "MISS" {
 		t.Errorf("GET after a stale fill into a restarted Redis: got %s %s; want MISS with the new name", res.header.Get("X-Cache"), res.body)
 	}
 	if res := do(t, "GET", url, ""); !strings.Contains(string(res.body), `"new"`) || res.header.Get("X-Cache") != "HIT" {
 		t.Errorf("second GET: got %s %s; want HIT with the new name (a fill from a read after the restart lands)", res.header.Get("X-Cache"), res.body)
+	}
+}
+
+// TestCacheAside: the first GET is a MISS that fills Redis with the body and
+// the TTL, the second a HIT with byte-identical body; a cached value that
+// this service did not write for that item is a MISS and is replaced.
+func TestCacheAside(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.CacheTTL = 90 * time.Second
+	logs := newLogBuffer(t)
+	log := logs.logger()
+	cache := newTestCache(t, cfg, log)
+	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	it := createItem(t, base, `{"name":"cached","description":"<b>&</b>"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	key := cache.Key(it.ID)
+
+	if n, _ := cache.rdb.Exists(t.Context(), key).Result(); n != 0 {
+		t.Fatalf("key %s exists right after POST; want the first GET to be a MISS", key)
+	}
+	miss := do(t, "GET", url, "")
+	hit := do(t, "GET", url, "")
+	if got := miss.header.Get("X-Cache"); got != "MISS" {
+		t.Errorf("first GET: X-Cache %q; want MISS", got)
+	}
+	if got := hit.header.Get("X-Cache"); got != "HIT" {
+		t.Errorf("second GET: X-Cache %q; want HIT", got)
+	}
+	if string(miss.body) != string(hit.body) {
+		t.Errorf("bodies differ: MISS %q, HIT %q", miss.body, hit.body)
+	}
+	body := strings.TrimSuffix(string(miss.body), "\n")
+	// "<version>:<shape>:<CRC-32C of "<version>:<shape>:" and the body>:<body>"
+	head := "1:" + itemShape + ":"
+	cached := fmt.Sprintf("%s%08x:%s", head, crc32.Checksum([]byte(head+body), crc32.MakeTable(crc32.Castagnoli)), body)
+	stored, err := cache.rdb.Get(t.Context(), key).Result()
+	if err != nil || stored != cached {
+		t.Errorf("Redis %s: got %q, %v; want %q, the version, the checksum and the body", key, stored, err, cached)
+	}
+	ttl, err := cache.rdb.PTTL(t.Context(), key).Result()
+	if err != nil || ttl <= 80*time.Second || ttl > 90*time.Second {
+		t.Errorf("TTL of %s: got %v, %v; want just under CACHE_TTL=90s", key, ttl, err)
+	}
+
+	other := createItem(t, base, `{"name":"other"}`)
+	otherURL := fmt.Sprintf("%s/items/%d", base, other.ID)
+	do(t, "GET", otherURL, "")
+	othersValue, err := cache.rdb.Get(t.Context(), cache.Key(other.ID)).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := cached[len(head) : len(head)+8]
+	crc32c := func(s string) uint32 { return crc32.Checksum([]byte(s), crc32.MakeTable(crc32.Castagnoli)) }
+	for _, bad := range []string{"not json", "1:not json", head + "not json", head + sum + ":not json", `1:{"id":999999,"name":"other"}`, `1:[]`,
+		head + sum, head + sum + ":", "x" + cached, strings.TrimSuffix(cached, "}") + `,"extra":1}`, cached + "  ", cached[:len(cached)-1],
+		strings.TrimPrefix(cached, "1:"), head + body, head + "00000000:" + body, head + strings.ToUpper(sum) + ":" + body,
+		othersValue,  // another item's value, checksum and all
+		"0" + cached, // the version edited (0 leads, so it is not higher)
+		fmt.Sprintf("1:00000000:%08x:%s", crc32c("1:00000000:"+body), body), // written by a build whose item has other fields
+		fmt.Sprintf("1:%08x:%s", crc32c("1:"+body), body),                   // the format before values named their shape
+	} {
+		if err := cache.rdb.Set(t.Context(), key, bad, time.Minute).Err(); err != nil {
+			t.Fatal(err)
+		}
+		res := do(t, "GET", url, "")
+		if res.status != 200 || res.header.Get("X-Cache") != "MISS" || string(res.body) != string(miss.body) {
+			t.Errorf("GET with cached %q: got %d %s %s; want 200 MISS %s", bad, res.status, res.header.Get("X-Cache"), res.body, miss.body)
+		}
+		if got, _ := cache.rdb.Get(t.Context(), key).Result(); got != cached {
+			t.Errorf("cached %q was not replaced: Redis has %q", bad, got)
+		}
+	}
+
+	if n := logs.count("a cached value is not what this service caches"); n != 1 {
+		t.Errorf("warnings about the values above: got %d; want 1 (at most one a minute)", n)
+	}
+
+	// A key of another type (WRONGTYPE) is a miss for that item, replaced by
+	// the next fill; Redis is not bypassed for the other items.
+	if err := cache.rdb.Del(t.Context(), key).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := cache.rdb.HSet(t.Context(), key, "a", "b").Err(); err != nil {
+		t.Fatal(err)
+	}
+	if res := do(t, "GET", url, ""); res.status != 200 || res.header.Get("X-Cache") != "MISS" {
+		t.Errorf("GET with a hash at %s: got %d %s; want 200 MISS", key, res.status, res.header.Get("X-Cache"))
+	}
+	if got := do(t, "GET", otherURL, "").header.Get("X-Cache"); got != "HIT" {
+		t.Errorf("GET of another item after a WRONGTYPE: X-Cache %q; want HIT", got)
+	}
+	if got := do(t, "GET", url, "").header.Get("X-Cache"); got != "HIT" {
+		t.Errorf("GET after the hash was replaced: X-Cache %q; want HIT", got)
+	}
+}
+
+// TestItemShapes: a build whose Item has another field has another shape,
+// and while both builds share one Redis (a rolling update) neither serves a
+// body the other cached, and each respects the other's invalidations.
+func TestItemShapes(t *testing.T) {
+	type itemWithPrice struct {
+		ID          int64   `json:"id" db:"id"`
+		Name        string  `json:"name" db:"name"`
+		Description *string `json:"description" db:"description"`
+		Price       *int64  `json:"price" db:"price"`
+		Version     int64   `json:"-" db:"version"`
+	}
+	type sameAsItem Item
+	if shapeOf(reflect.TypeFor[itemWithPrice]()) == itemShape {
+		t.Fatalf("an Item with a price field has this build's shape %s; want another", itemShape)
+	}
+	if got := shapeOf(reflect.TypeFor[sameAsItem]()); got != itemShape {
+		t.Errorf("a type with Item's fields: shape %s; want Item's %s", got, itemShape)
+	}
+
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	this := newTestCache(t, cfg, log)
+	other := newCache(cfg, shapeOf(reflect.TypeFor[itemWithPrice]()), log)
+	defer other.Close()
+	ctx := t.Context()
+	mine, theirs := []byte(`{"id":7,"name":"a","description":null}`), []byte(`{"id":7,"name":"a","description":null,"price":5}`)
+
+	this.Fill(ctx, 7, 1, mine, time.Now())
+	if _, outcome := other.Get(ctx, 7); outcome != Miss {
+		t.Errorf("the other build reading this build's value: %s; want MISS", outcome)
+	}
+	other.Fill(ctx, 7, 1, theirs, time.Now())
+	if body, outcome := other.Get(ctx, 7); outcome != Hit || string(body) != string(theirs) {
+		t.Errorf("the other build reading its own value: %s %s; want HIT %s", outcome, body, theirs)
+	}
+	if _, outcome := this.Get(ctx, 7); outcome != Miss {
+		t.Errorf("this build reading the other build's value: %s; want MISS", outcome)
+	}
+	other.Invalidate(ctx, 7, 2) // a write through the other build
+	this.Fill(ctx, 7, 1, mine, time.Now())
+	if _, outcome := this.Get(ctx, 7); outcome != Miss {
+		t.Errorf("after the other build's write, a fill of the old version: %s; want MISS (the tombstone holds)", outcome)
 	}
 }

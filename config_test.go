@@ -97,25 +97,3 @@ func TestConfigLogHidesSecrets(t *testing.T) {
 		t.Errorf("DSN %q lacks the password", cfg.dsn())
 	}
 }
-
-func TestParseID(t *testing.T) {
-	tests := []struct {
-		in     string
-		id     int64
-		status int
-	}{
-		{"1", 1, 0}, {"007", 7, 0}, {"9223372036854775807", 9223372036854775807, 0},
-		{"9223372036854775808", 0, 404}, {"99999999999999999999", 0, 404},
-		{"0", 0, 400}, {"-1", 0, 400}, {"+1", 0, 400}, {"abc", 0, 400}, {"", 0, 400}, {"1e3", 0, 400}, {" 1", 0, 400}, {"١", 0, 400},
-	}
-	for _, tc := range tests {
-		id, err := parseID(tc.in)
-		status := 0
-		if ae, ok := err.(*apiError); ok {
-			status = ae.Status
-		}
-		if id != tc.id || status != tc.status {
-			t.Errorf("parseID(%q): got %d, status %d; want %d, status %d", tc.in, id, status, tc.id, tc.status)
-		}
-	}
-}

@@ -5,19 +5,70 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	_ "embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/url"
+	"reflect"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" database/sql driver
 )
+
+// Item is one row of the items table and the JSON of every item the API
+// sends: {"id":1,"name":"...","description":"..." or null}. Each field's db
+// tag names its column; itemColumns and scanItem follow those tags, so a
+// field is declared here once. Version counts the row's writes (schema.sql)
+// and is not part of the API.
+//
+// To add a field: its column in schema.sql, a field here and in Input, its
+// check in Input.check (items.go), and the column in the INSERT and UPDATEs
+// below.
+type Item struct {
+	ID          int64   `json:"id" db:"id"`
+	Name        string  `json:"name" db:"name"`
+	Description *string `json:"description" db:"description"`
+	Version     int64   `json:"-" db:"version"`
+}
+
+// Input is what a client sends to create or change an item: the body of
+// POST, PUT and PATCH. Each field may be left out (Set false), null, or
+// given, so that a PATCH (a JSON merge patch, RFC 7396) can keep a field,
+// clear it or change it. id may be given only as the id in the URL.
+type Input struct {
+	ID          optional[int64]  `json:"id"`
+	Name        optional[string] `json:"name"`
+	Description optional[string] `json:"description"`
+}
+
+// item is the item that a POST or PUT of in makes: the fields it gives, and
+// null for those it leaves out. in must have passed check with whole set.
+func (in Input) item(id int64) Item {
+	return Item{ID: id, Name: *in.Name.Value, Description: in.Description.Value}
+}
+
+// optional is a JSON field that may be absent (Set false), null (Set true,
+// Value nil) or a value.
+type optional[T any] struct {
+	Set   bool
+	Value *T
+}
+
+func (o *optional[T]) UnmarshalJSON(b []byte) error {
+	o.Set, o.Value = true, nil
+	if string(b) == "null" {
+		return nil
+	}
+	o.Value = new(T)
+	return json.Unmarshal(b, o.Value)
+}
 
 //go:embed schema.sql
 var schemaSQL string
@@ -40,9 +91,9 @@ var (
 )
 
 // Store is the items table behind a bounded pool of PostgreSQL connections.
-// Every method bounds its query by the configured query timeout on top of
-// the caller's context, and returns ErrNotFound or an error wrapping
-// ErrUnavailable where those apply.
+// Every method bounds its query by DB_QUERY_TIMEOUT on top of the caller's
+// context, and returns ErrNotFound or an error wrapping ErrUnavailable where
+// those apply.
 type Store struct {
 	db       *sql.DB
 	timeout  time.Duration
@@ -159,13 +210,27 @@ func (s *Store) Ping(ctx context.Context) error {
 	return s.classify(s.db.PingContext(ctx))
 }
 
-// itemColumns are the columns every query returns, in Item's scan order.
-const itemColumns = "id, name, description, version"
+// itemColumns is the column list of every query that returns items: Item's
+// db tags, in the order of its fields, which scanItem reads them in.
+var itemColumns = strings.Join(dbTags(reflect.TypeFor[Item]()), ", ")
 
+func dbTags(t reflect.Type) []string {
+	tags := make([]string, t.NumField())
+	for i := range tags {
+		tags[i] = t.Field(i).Tag.Get("db")
+	}
+	return tags
+}
+
+// scanItem reads a row of itemColumns into an Item, field by field.
 func (s *Store) scanItem(row interface{ Scan(...any) error }) (Item, error) {
 	var it Item
-	err := row.Scan(&it.ID, &it.Name, &it.Description, &it.Version)
-	return it, s.classify(err)
+	fields := reflect.ValueOf(&it).Elem()
+	dests := make([]any, fields.NumField())
+	for i := range dests {
+		dests[i] = fields.Field(i).Addr().Interface()
+	}
+	return it, s.classify(row.Scan(dests...))
 }
 
 // The statements below compare ids as $1::bigint: a table created by hand
@@ -173,28 +238,28 @@ func (s *Store) scanItem(row interface{ Scan(...any) error }) (Item, error) {
 // uses the primary key index, while an int4 parameter would fail to encode
 // ids above 2^31-1.
 
-// CreateItem inserts an item and returns it as stored, with its new id and
-// version 1.
-func (s *Store) CreateItem(ctx context.Context, name string, description *string) (Item, error) {
+// Create inserts it (its ID and Version aside) and returns it as stored,
+// with its new id and version 1.
+func (s *Store) Create(ctx context.Context, it Item) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	return s.scanItem(s.db.QueryRowContext(ctx,
 		"INSERT INTO items (name, description) VALUES ($1, $2) RETURNING "+itemColumns,
-		name, description))
+		it.Name, it.Description))
 }
 
-// GetItem returns the item with the given id, or ErrNotFound.
-func (s *Store) GetItem(ctx context.Context, id int64) (Item, error) {
+// Get returns the item with the given id, or ErrNotFound.
+func (s *Store) Get(ctx context.Context, id int64) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	return s.scanItem(s.db.QueryRowContext(ctx,
 		"SELECT "+itemColumns+" FROM items WHERE id = $1::bigint", id))
 }
 
-// ListItems returns at most limit items with ids greater than after, in id
+// List returns at most limit items with ids greater than after, in id
 // order: keyset pagination, so a page costs one index range scan however
 // deep it is, and rows created or deleted meanwhile never shift a page.
-func (s *Store) ListItems(ctx context.Context, after int64, limit int) ([]Item, error) {
+func (s *Store) List(ctx context.Context, after int64, limit int) ([]Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	rows, err := s.db.QueryContext(ctx,
@@ -214,59 +279,45 @@ func (s *Store) ListItems(ctx context.Context, after int64, limit int) ([]Item, 
 	return list, s.classify(rows.Err())
 }
 
-// ReplaceItem sets both fields of item id (a nil description stores NULL),
-// adds one to its version and returns it as stored, or ErrNotFound.
-func (s *Store) ReplaceItem(ctx context.Context, id int64, name string, description *string) (it Item, err error) {
-	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
-		it, err = s.scanItem(c.QueryRowContext(ctx,
-			"UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING "+itemColumns,
-			id, name, description))
-		return err
-	})
-	return it, err
+// Replace sets every field of item it.ID to it's (a nil description stores
+// NULL), adds one to its version and returns it as stored, or ErrNotFound.
+func (s *Store) Replace(ctx context.Context, it Item) (Item, error) {
+	return s.write(ctx, `UPDATE items SET name = $2, description = $3, version = version + 1
+		WHERE id = $1::bigint RETURNING `+itemColumns, it.ID, it.Name, it.Description)
 }
 
-// PatchItem changes only the fields given: name if it is not nil, and
-// description if setDescription (to NULL if description is nil). It adds one
-// to the version and returns the item as stored, or ErrNotFound. It is one
-// statement, so concurrent patches of different fields never undo each
+// Patch changes the fields that in sets (to NULL where it sets null), adds
+// one to the version and returns the item as stored, or ErrNotFound. It is
+// one statement, so concurrent patches of different fields never undo each
 // other.
-func (s *Store) PatchItem(ctx context.Context, id int64, name *string, setDescription bool, description *string) (it Item, err error) {
-	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
-		it, err = s.scanItem(c.QueryRowContext(ctx,
-			`UPDATE items SET name = COALESCE($2, name),
-				description = CASE WHEN $3 THEN $4 ELSE description END,
-				version = version + 1
-			WHERE id = $1::bigint RETURNING `+itemColumns,
-			id, name, setDescription, description))
-		return err
-	})
-	return it, err
+func (s *Store) Patch(ctx context.Context, id int64, in Input) (Item, error) {
+	return s.write(ctx, `UPDATE items SET
+			name = CASE WHEN $2 THEN $3 ELSE name END,
+			description = CASE WHEN $4 THEN $5 ELSE description END,
+			version = version + 1
+		WHERE id = $1::bigint RETURNING `+itemColumns,
+		id, in.Name.Set, in.Name.Value, in.Description.Set, in.Description.Value)
 }
 
-// DeleteItem deletes item id and returns the version it had, or ErrNotFound.
-func (s *Store) DeleteItem(ctx context.Context, id int64) (version int64, err error) {
-	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
-		return s.classify(c.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version))
-	})
-	return version, err
+// Delete deletes item id and returns it as it was, or ErrNotFound.
+func (s *Store) Delete(ctx context.Context, id int64) (Item, error) {
+	return s.write(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING "+itemColumns, id)
 }
 
-// write runs a statement that changes an item (its errors classified by
-// the statement) on a connection taken from the pool first, within the
-// query timeout. If no connection could be had (the pool stayed full, the
-// client gave up while waiting, or PostgreSQL could not be reached), the
-// error wraps ErrNotSent: nothing was written, and the cache may keep its
-// value.
-func (s *Store) write(ctx context.Context, statement func(context.Context, *sql.Conn) error) error {
+// write runs a statement that changes an item and returns that item, on a
+// connection taken from the pool first, within the query timeout. If no
+// connection could be had (the pool stayed full, the client gave up while
+// waiting, or PostgreSQL could not be reached), the error wraps ErrNotSent:
+// nothing was written, and the cache may keep its value.
+func (s *Store) write(ctx context.Context, query string, args ...any) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	c, err := s.db.Conn(ctx)
 	if err != nil {
-		return s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
+		return Item{}, s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
 	}
 	defer c.Close()
-	return statement(ctx, c)
+	return s.scanItem(c.QueryRowContext(ctx, query, args...))
 }
 
 // classify is classify, and after a query that timed out it also drops the

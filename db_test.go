@@ -359,7 +359,7 @@ func TestNothingLost(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer store.Close()
-	cache := newCache(cfg, log)
+	cache := newCache(cfg, itemShape, log)
 	defer cache.Close()
 	base := testServer(t, log, store, cache)
 
@@ -454,7 +454,7 @@ func TestNothingLost(t *testing.T) {
 	}
 	// Every row is whole and was sent; rows from POSTs that answered 503
 	// (PostgreSQL ran the INSERT, its answer was lost) are counted.
-	rows, err := direct.ListItems(t.Context(), 0, 1_000_000)
+	rows, err := direct.List(t.Context(), 0, 1_000_000)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -527,30 +527,4 @@ func TestPostgresHungConnections(t *testing.T) {
 		t.Errorf("GETs of missing items with every pooled connection hung: statuses %v; want at most 2 503s, then 404s from new connections", statuses)
 	}
 	t.Logf("pool of %d hung connections: statuses %v", cfg.DBMaxConns, statuses)
-}
-
-// lockItems locks cfg's items table from a session of its own, so that
-// every query on it waits, until unlock is called or the test ends.
-func lockItems(t *testing.T, cfg Config) (unlock func()) {
-	t.Helper()
-	locker, err := openStore(t.Context(), cfg, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tx, err := locker.db.BeginTx(t.Context(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tx.ExecContext(t.Context(), "LOCK TABLE items IN ACCESS EXCLUSIVE MODE"); err != nil {
-		t.Fatal(err)
-	}
-	var once sync.Once
-	unlock = func() {
-		once.Do(func() {
-			tx.Rollback()
-			locker.Close()
-		})
-	}
-	t.Cleanup(unlock)
-	return unlock
 }

@@ -1,15 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"log/slog"
 	"maps"
-	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -20,128 +16,6 @@ import (
 	"testing"
 	"time"
 )
-
-// TestAPI covers every endpoint and status code of the API, in order, against
-// real PostgreSQL and Redis.
-func TestAPI(t *testing.T) {
-	cfg := testConfig(t)
-	log := newLogBuffer(t).logger()
-	base := testServer(t, log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))
-	existing := createItem(t, base, `{"name":"existing","description":"d"}`)
-	item := func(id int64) string { return fmt.Sprintf("/items/%d", id) }
-	const ctJSON = "application/json"
-
-	tests := []struct {
-		name       string
-		method     string
-		path       string
-		body       string
-		header     []string // name, value pairs; a body sends Content-Type: application/json unless set here
-		wantStatus int
-		wantBody   string // a substring of the body
-		wantHeader []string
-	}{
-		{"health", "GET", "/health", "", nil, 200, `{"status":"ok"}`, nil},
-		{"ready", "GET", "/ready", "", nil, 200, `{"status":"ok","postgres":"up","redis":"up"}`, nil},
-		{"create", "POST", "/items", `{"name":"pen","description":"blue"}`, nil, 201, `"name":"pen","description":"blue"}`, nil},
-		{"create without description", "POST", "/items", `{"name":"pen"}`, nil, 201, `"description":null}`, nil},
-		{"create with null description", "POST", "/items", `{"name":"pen","description":null}`, nil, 201, `"description":null}`, nil},
-		{"create with empty description", "POST", "/items", `{"name":"pen","description":""}`, nil, 201, `"description":""}`, nil},
-		{"charset parameter", "POST", "/items", `{"name":"pen"}`, []string{"Content-Type", "application/json; charset=utf-8"}, 201, `"name":"pen"`, nil},
-		{"200 two-byte characters", "POST", "/items", `{"name":"` + strings.Repeat("é", 200) + `"}`, nil, 201, `"name":"é`, nil},
-		{"2000-character description", "POST", "/items", `{"name":"n","description":"` + strings.Repeat("d", 2000) + `"}`, nil, 201, `"name":"n"`, nil},
-		{"SQL text stored literally", "POST", "/items", `{"name":"x'); DROP TABLE items;--","description":"\" OR 1=1"}`, nil, 201, `"name":"x'); DROP TABLE items;--","description":"\" OR 1=1"`, nil},
-
-		{"valid surrogate pair", "POST", "/items", `{"name":"\ud83d\ude00"}`, nil, 201, `"name":"😀"`, nil},
-		{"escaped backslash before u", "POST", "/items", `{"name":"\\ud800"}`, nil, 201, `"name":"\\ud800"`, nil},
-		{"byte order mark", "POST", "/items", "\xef\xbb\xbf" + `{"name":"bom"}`, nil, 201, `"name":"bom"`, nil},
-
-		{"missing name", "POST", "/items", `{"description":"d"}`, nil, 400, `name is required`, nil},
-		{"null name", "POST", "/items", `{"name":null}`, nil, 400, `name is required`, nil},
-		{"blank name", "POST", "/items", `{"name":"  \t"}`, nil, 400, `name must not be blank`, nil},
-		{"name of 201 characters", "POST", "/items", `{"name":"` + strings.Repeat("n", 201) + `"}`, nil, 400, `name must be at most 200 characters`, nil},
-		{"description of 2001 characters", "POST", "/items", `{"name":"n","description":"` + strings.Repeat("é", 2001) + `"}`, nil, 400, `description must be at most 2000 characters`, nil},
-		{"NUL in name", "POST", "/items", `{"name":"a\u0000b"}`, nil, 400, `NUL`, nil},
-		{"malformed JSON", "POST", "/items", `{"name":}`, nil, 400, `not valid JSON`, nil},
-		{"truncated JSON", "POST", "/items", `{"name":"x"`, nil, 400, `not valid JSON`, nil},
-		{"empty body", "POST", "/items", "", []string{"Content-Type", ctJSON}, 400, `empty`, nil},
-		{"trailing data", "POST", "/items", `{"name":"x"}{"name":"y"}`, nil, 400, `single JSON object`, nil},
-		{"trailing garbage", "POST", "/items", `{"name":"x"} x`, nil, 400, `single JSON object`, nil},
-		{"field name in another case", "POST", "/items", `{"NAME":"x"}`, nil, 400, `unknown field \"NAME\"`, nil},
-		{"field given twice", "POST", "/items", `{"name":"x","name":"y"}`, nil, 400, `given twice`, nil},
-		{"lone high surrogate", "POST", "/items", `{"name":"a\ud800b"}`, nil, 400, `surrogate`, nil},
-		{"lone low surrogate", "POST", "/items", `{"name":"x","description":"\udc00"}`, nil, 400, `surrogate`, nil},
-		{"null body", "POST", "/items", `null`, nil, 400, `must be a JSON object`, nil},
-		{"unknown field", "POST", "/items", `{"name":"x","price":3}`, nil, 400, `unknown field \"price\"`, nil},
-		{"wrong type of name", "POST", "/items", `{"name":42}`, nil, 400, `field \"name\" must be a string`, nil},
-		{"wrong type of description", "POST", "/items", `{"name":"x","description":true}`, nil, 400, `field \"description\" must be a string`, nil},
-		{"array body", "POST", "/items", `[{"name":"x"}]`, nil, 400, `must be a JSON object`, nil},
-		{"invalid UTF-8", "POST", "/items", "{\"name\":\"\xff\"}", nil, 400, `UTF-8`, nil},
-		{"body over 1 MiB", "POST", "/items", `{"name":"` + strings.Repeat("x", 1<<20) + `"}`, nil, 413, `1 MiB`, nil},
-		{"form content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "application/x-www-form-urlencoded"}, 415, `Content-Type: application/json`, nil},
-		{"text content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "text/plain"}, 415, `Content-Type: application/json`, nil},
-		{"latin-1 charset", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "application/json; charset=iso-8859-1"}, 415, `UTF-8`, nil},
-		{"utf8 charset alias", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", "application/json; charset=utf8"}, 201, `"name":"x"`, nil},
-		{"gzip content encoding", "POST", "/items", `{"name":"x"}`, []string{"Content-Encoding", "gzip"}, 415, `uncompressed`, nil},
-		{"no content type", "POST", "/items", `{"name":"x"}`, []string{"Content-Type", ""}, 415, `Content-Type: application/json`, nil},
-
-		{"get", "GET", item(existing.ID), "", nil, 200, fmt.Sprintf(`{"id":%d,"name":"existing","description":"d"}`, existing.ID), nil},
-		{"get missing", "GET", item(existing.ID + 1000), "", nil, 404, `not found`, nil},
-		{"id beyond bigint", "GET", "/items/99999999999999999999", "", nil, 404, `not found`, nil},
-		{"id beyond int4", "GET", "/items/5000000000", "", nil, 404, `not found`, nil},
-		{"id not a number", "GET", "/items/abc", "", nil, 400, `positive integer`, nil},
-		{"id zero", "GET", "/items/0", "", nil, 400, `positive integer`, nil},
-		{"id negative", "GET", "/items/-1", "", nil, 400, `positive integer`, nil},
-		{"id with plus sign", "GET", "/items/+1", "", nil, 400, `positive integer`, nil},
-		{"id with decimals", "GET", "/items/1.5", "", nil, 400, `positive integer`, nil},
-		{"very long id", "GET", "/items/" + strings.Repeat("9", 2000), "", nil, 404, `not found`, nil},
-
-		{"unknown path", "GET", "/nope", "", nil, 404, `no such endpoint`, nil},
-		{"path to clean", "GET", "/items/../health", "", nil, 307, `served at /health`, []string{"Location", "/health"}},
-		{"unknown nested path", "GET", "/items/1/extra", "", nil, 404, `no such endpoint`, nil},
-		{"escaped slash", "GET", "/items%2F1", "", nil, 404, `GET /items%2F1`, nil},
-		{"wrong method on item", "POST", item(existing.ID), "", nil, 405, `not allowed`, []string{"Allow", "DELETE, GET, HEAD, PATCH, PUT"}},
-		{"wrong method on items", "DELETE", "/items", "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD, POST"}},
-		{"id in a POST", "POST", "/items", `{"id":7,"name":"x"}`, nil, 400, `id is assigned by the server`, nil},
-		{"wrong method on health", "POST", "/health", "", nil, 405, `not allowed`, []string{"Allow", "GET, HEAD"}},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			res := do(t, tc.method, base+tc.path, tc.body, tc.header...)
-			if res.status != tc.wantStatus {
-				t.Fatalf("%s %s: got %d %s; want %d", tc.method, tc.path, res.status, res.body, tc.wantStatus)
-			}
-			if ct := res.header.Get("Content-Type"); ct != ctJSON {
-				t.Errorf("Content-Type: got %q; want %q", ct, ctJSON)
-			}
-			if !strings.Contains(string(res.body), tc.wantBody) {
-				t.Errorf("body: got %s; want it to contain %s", res.body, tc.wantBody)
-			}
-			if tc.wantStatus >= 400 {
-				errorMessage(t, res)
-			}
-			for i := 0; i+1 < len(tc.wantHeader); i += 2 {
-				if got := res.header.Get(tc.wantHeader[i]); got != tc.wantHeader[i+1] {
-					t.Errorf("%s: got %q; want %q", tc.wantHeader[i], got, tc.wantHeader[i+1])
-				}
-			}
-			if tc.wantStatus == 201 {
-				var it Item
-				if err := json.Unmarshal(res.body, &it); err != nil {
-					t.Fatal(err)
-				}
-				if loc := res.header.Get("Location"); loc != item(it.ID) {
-					t.Errorf("Location: got %q; want %q", loc, item(it.ID))
-				}
-				// What was acknowledged is what is stored.
-				got := do(t, "GET", base+item(it.ID), "")
-				if got.status != 200 || string(got.body) != string(res.body) {
-					t.Errorf("GET after create: got %d %s; want 200 %s", got.status, got.body, res.body)
-				}
-			}
-		})
-	}
-}
 
 // TestFailedCreateWritesNothing: a rejected POST leaves no row behind.
 func TestFailedCreateWritesNothing(t *testing.T) {
@@ -160,136 +34,6 @@ func TestFailedCreateWritesNothing(t *testing.T) {
 	}
 	if n != 0 {
 		t.Errorf("rows after rejected POSTs: got %d; want 0", n)
-	}
-}
-
-// TestCacheAside: the first GET is a MISS that fills Redis with the body and
-// the TTL, the second a HIT with byte-identical body; a cached value that
-// this service did not write for that item is a MISS and is replaced.
-func TestCacheAside(t *testing.T) {
-	cfg := testConfig(t)
-	cfg.CacheTTL = 90 * time.Second
-	logs := newLogBuffer(t)
-	log := logs.logger()
-	cache := newTestCache(t, cfg, log)
-	base := testServer(t, log, newTestStore(t, cfg, log), cache)
-	it := createItem(t, base, `{"name":"cached","description":"<b>&</b>"}`)
-	url := fmt.Sprintf("%s/items/%d", base, it.ID)
-	key := cache.Key(it.ID)
-
-	if n, _ := cache.rdb.Exists(t.Context(), key).Result(); n != 0 {
-		t.Fatalf("key %s exists right after POST; want the first GET to be a MISS", key)
-	}
-	miss := do(t, "GET", url, "")
-	hit := do(t, "GET", url, "")
-	if got := miss.header.Get("X-Cache"); got != "MISS" {
-		t.Errorf("first GET: X-Cache %q; want MISS", got)
-	}
-	if got := hit.header.Get("X-Cache"); got != "HIT" {
-		t.Errorf("second GET: X-Cache %q; want HIT", got)
-	}
-	if string(miss.body) != string(hit.body) {
-		t.Errorf("bodies differ: MISS %q, HIT %q", miss.body, hit.body)
-	}
-	body := strings.TrimSuffix(string(miss.body), "\n")
-	// "<version>:<CRC-32C of "<version>:" and the body>:<body>"
-	cached := fmt.Sprintf("1:%08x:%s", crc32.Checksum([]byte("1:"+body), crc32.MakeTable(crc32.Castagnoli)), body)
-	stored, err := cache.rdb.Get(t.Context(), key).Result()
-	if err != nil || stored != cached {
-		t.Errorf("Redis %s: got %q, %v; want %q, the version, the checksum and the body", key, stored, err, cached)
-	}
-	ttl, err := cache.rdb.PTTL(t.Context(), key).Result()
-	if err != nil || ttl <= 80*time.Second || ttl > 90*time.Second {
-		t.Errorf("TTL of %s: got %v, %v; want just under CACHE_TTL=90s", key, ttl, err)
-	}
-
-	other := createItem(t, base, `{"name":"other"}`)
-	otherURL := fmt.Sprintf("%s/items/%d", base, other.ID)
-	do(t, "GET", otherURL, "")
-	othersValue, err := cache.rdb.Get(t.Context(), cache.Key(other.ID)).Result()
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := cached[2:10]
-	for _, bad := range []string{"not json", "1:not json", "1:" + sum + ":not json", `1:{"id":999999,"name":"other"}`, `1:[]`, "1:" + sum,
-		"1:" + sum + ":", "x1:" + cached[2:], strings.TrimSuffix(cached, "}") + `,"extra":1}`, cached + "  ", cached[:len(cached)-1],
-		strings.TrimPrefix(cached, "1:"), "1:" + body, "1:00000000:" + body, "1:" + strings.ToUpper(sum) + ":" + body,
-		othersValue,  // another item's value, checksum and all
-		"0" + cached, // the version edited (0 leads, so it is not higher)
-	} {
-		if err := cache.rdb.Set(t.Context(), key, bad, time.Minute).Err(); err != nil {
-			t.Fatal(err)
-		}
-		res := do(t, "GET", url, "")
-		if res.status != 200 || res.header.Get("X-Cache") != "MISS" || string(res.body) != string(miss.body) {
-			t.Errorf("GET with cached %q: got %d %s %s; want 200 MISS %s", bad, res.status, res.header.Get("X-Cache"), res.body, miss.body)
-		}
-		if got, _ := cache.rdb.Get(t.Context(), key).Result(); got != cached {
-			t.Errorf("cached %q was not replaced: Redis has %q", bad, got)
-		}
-	}
-
-	if n := logs.count("a cached value is not what this service caches"); n != 1 {
-		t.Errorf("warnings about the values above: got %d; want 1 (at most one a minute)", n)
-	}
-
-	// A key of another type (WRONGTYPE) is a miss for that item, replaced by
-	// the next fill; Redis is not bypassed for the other items.
-	if err := cache.rdb.Del(t.Context(), key).Err(); err != nil {
-		t.Fatal(err)
-	}
-	if err := cache.rdb.HSet(t.Context(), key, "a", "b").Err(); err != nil {
-		t.Fatal(err)
-	}
-	if res := do(t, "GET", url, ""); res.status != 200 || res.header.Get("X-Cache") != "MISS" {
-		t.Errorf("GET with a hash at %s: got %d %s; want 200 MISS", key, res.status, res.header.Get("X-Cache"))
-	}
-	if got := do(t, "GET", otherURL, "").header.Get("X-Cache"); got != "HIT" {
-		t.Errorf("GET of another item after a WRONGTYPE: X-Cache %q; want HIT", got)
-	}
-	if got := do(t, "GET", url, "").header.Get("X-Cache"); got != "HIT" {
-		t.Errorf("GET after the hash was replaced: X-Cache %q; want HIT", got)
-	}
-}
-
-// TestSlowBody: a body shorter than its Content-Length times out with 408 and
-// a message that reveals nothing about the server's addresses; one announced
-// as over 1 MiB is refused at once with 413.
-func TestSlowBody(t *testing.T) {
-	cfg := testConfig(t)
-	log := newLogBuffer(t).logger()
-	srv := &http.Server{Handler: newServer(log, newItems(newTestStore(t, cfg, log), newTestCache(t, cfg, log))), ReadTimeout: 300 * time.Millisecond}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	defer srv.Close()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	fmt.Fprint(c, "POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"name\":\"x\"}")
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusRequestTimeout || strings.Contains(string(body), "127.0.0.1") {
-		t.Errorf("got %d %s; want 408 without addresses", resp.StatusCode, body)
-	}
-
-	c2, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c2.Close()
-	fmt.Fprint(c2, "POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{")
-	c2.SetReadDeadline(time.Now().Add(200 * time.Millisecond)) // well before ReadTimeout
-	resp, err = http.ReadResponse(bufio.NewReader(c2), nil)
-	if err != nil || resp.StatusCode != http.StatusRequestEntityTooLarge {
-		t.Errorf("Content-Length of 10 GB: got %v, %v; want an immediate 413", resp, err)
 	}
 }
 
@@ -604,7 +348,7 @@ func TestNoJoiningAReadFromBeforeAWrite(t *testing.T) {
 
 	// The write commits (on another connection) and runs its after-commit
 	// step, as Items.Replace does, while that read is still in flight.
-	updated, err := direct.ReplaceItem(t.Context(), it.ID, "new", nil)
+	updated, err := direct.Replace(t.Context(), Item{ID: it.ID, Name: "new"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -625,44 +369,6 @@ func TestNoJoiningAReadFromBeforeAWrite(t *testing.T) {
 	}
 }
 
-func TestParsePage(t *testing.T) {
-	tests := []struct {
-		query      string
-		wantAfter  int64
-		wantLimit  int
-		wantErrSub string
-	}{
-		{"", 0, 20, ""},
-		{"limit=1", 0, 1, ""},
-		{"limit=100&after=7", 7, 100, ""},
-		{"after=0", 0, 20, ""},
-		{"limit=007", 0, 7, ""},
-		{"after=99999999999999999999", math.MaxInt64, 20, ""},
-		{"limit=0", 0, 0, "limit must be a whole number from 1 to 100"},
-		{"limit=101", 0, 0, "limit must be a whole number from 1 to 100"},
-		{"limit=+5", 0, 0, "limit must be"},
-		{"limit= 5", 0, 0, "limit must be"},
-		{"after=1.5", 0, 0, "after must be an item id"},
-		{"after=0x10", 0, 0, "after must be an item id"},
-		{"limit=1&limit=1", 0, 0, "given 2 times"},
-		{"LIMIT=5", 0, 0, `unknown query parameter "LIMIT"`},
-		{"a%zz=1", 0, 0, "malformed"},
-		{"limit=" + strings.Repeat("9", 100), 0, 0, `got "9999999999999999999999999999999999999999..."`},
-	}
-	for _, tc := range tests {
-		after, limit, err := parsePage(tc.query)
-		switch {
-		case tc.wantErrSub == "" && (err != nil || after != tc.wantAfter || limit != tc.wantLimit):
-			t.Errorf("parsePage(%q): got %d, %d, %v; want %d, %d", tc.query, after, limit, err, tc.wantAfter, tc.wantLimit)
-		case tc.wantErrSub != "":
-			var ae *apiError
-			if !errors.As(err, &ae) || ae.Status != 400 || !strings.Contains(ae.Message, tc.wantErrSub) {
-				t.Errorf("parsePage(%q): got %v; want a 400 containing %q", tc.query, err, tc.wantErrSub)
-			}
-		}
-	}
-}
-
 func TestPatchValidate(t *testing.T) {
 	long := strings.Repeat("é", 2001)
 	for body, want := range map[string]map[string]string{
@@ -675,12 +381,16 @@ func TestPatchValidate(t *testing.T) {
 		`{"name":"\t"}`:        {"name": "must not be blank"},
 		`{"name":"a","description":"` + long + `"}`: {"description": "must be at most 2000 characters (got 2001)"},
 	} {
-		var in patchRequest
+		var in Input
 		if err := json.Unmarshal([]byte(body), &in); err != nil {
 			t.Fatalf("%s: %v", body, err)
 		}
-		if got := in.validate(3); !maps.Equal(got, want) {
-			t.Errorf("validate(%.40s): got %v; want %v", body, got, want)
+		var got map[string]string
+		if err := in.check(3, false); err != nil {
+			got = err.(*InvalidError).Fields
+		}
+		if !maps.Equal(got, want) {
+			t.Errorf("check(%.40s): got %v; want %v", body, got, want)
 		}
 	}
 }
@@ -777,7 +487,7 @@ func FuzzUpdateItem(f *testing.F) {
 	base, store := fuzzServer(f)
 	f.Fuzz(func(t *testing.T, patch bool, body string) {
 		d0 := "d0"
-		orig, err := store.CreateItem(t.Context(), "orig", &d0)
+		orig, err := store.Create(t.Context(), Item{Name: "orig", Description: &d0})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -803,47 +513,6 @@ func FuzzUpdateItem(f *testing.F) {
 			want.Description = description
 		}
 		checkAnswer(t, base, res, body, want)
-	})
-}
-
-func FuzzParseID(f *testing.F) {
-	for _, seed := range []string{"1", "0", "-1", "abc", "9223372036854775807", "9223372036854775808", "007", "1e3", " 1"} {
-		f.Add(seed)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		id, err := parseID(s)
-		if err != nil {
-			var ae *apiError
-			if !errors.As(err, &ae) || (ae.Status != 400 && ae.Status != 404) {
-				t.Fatalf("parseID(%q): %v; want a 400 or 404", s, err)
-			}
-			if strings.Trim(s, "0123456789") == "" && strings.TrimLeft(s, "0") != "" && ae.Status != 404 {
-				t.Fatalf("parseID(%q): %v; a positive number too large for an id is a 404", s, err)
-			}
-			return
-		}
-		if id <= 0 || strings.TrimLeft(s, "0") != strconv.FormatInt(id, 10) {
-			t.Fatalf("parseID(%q) = %d; want the positive integer it spells", s, id)
-		}
-	})
-}
-
-func FuzzParsePage(f *testing.F) {
-	for _, seed := range []string{"", "limit=5", "after=3&limit=100", "limit=0", "after=-1", "a%zz", "limit=5;after=1"} {
-		f.Add(seed)
-	}
-	f.Fuzz(func(t *testing.T, query string) {
-		after, limit, err := parsePage(query)
-		if err != nil {
-			var ae *apiError
-			if !errors.As(err, &ae) || ae.Status != 400 {
-				t.Fatalf("parsePage(%q): %v; want a 400", query, err)
-			}
-			return
-		}
-		if after < 0 || limit < 1 || limit > maxPageSize {
-			t.Fatalf("parsePage(%q) = %d, %d; want after >= 0 and 1 <= limit <= %d", query, after, limit, maxPageSize)
-		}
 	})
 }
 
@@ -873,7 +542,7 @@ func serveOnce(b *testing.B, h http.Handler, req *http.Request, want int) {
 // BenchmarkGetHit is GET /items/{id} answered from Redis.
 func BenchmarkGetHit(b *testing.B) {
 	h, store, _ := benchHandler(b)
-	it, err := store.CreateItem(b.Context(), "Widget", nil)
+	it, err := store.Create(b.Context(), Item{Name: "Widget"})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -889,7 +558,7 @@ func BenchmarkGetHit(b *testing.B) {
 // the key is deleted before each request.
 func BenchmarkGetMiss(b *testing.B) {
 	h, store, cache := benchHandler(b)
-	it, err := store.CreateItem(b.Context(), "Widget", nil)
+	it, err := store.Create(b.Context(), Item{Name: "Widget"})
 	if err != nil {
 		b.Fatal(err)
 	}

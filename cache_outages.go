@@ -1,0 +1,277 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// outages keeps the cache's books on Redis failures, so that Get, Fill and
+// Invalidate stay simple. It has four parts:
+//
+//   - The circuit breaker (allow, ok, failed): after a failure, Redis is
+//     bypassed for REDIS_RETRY_INTERVAL; then one request probes it, so a
+//     hung Redis costs one timeout per interval rather than one per
+//     request. An outage is logged once when it starts and once when it ends.
+//   - Remembered invalidations (remember, forget, Cache.flushMissed): an
+//     invalidation that cannot reach Redis is kept, and the kept ones are
+//     done before Redis is read again, so an entry that a write could not
+//     remove is never served later. If more than maxMissed pile up, they are
+//     dropped, and once Redis is back it is quarantined for a TTL, after
+//     which every entry written before the outage has expired.
+//   - The restart mark and quarantine (Cache.onConnect, quarantined): a
+//     Redis that restarted with data is not read or filled until that data
+//     has expired, and fills from reads that began before any restart was
+//     noticed are dropped, since the restart may have lost their tombstones.
+//   - A bound on warnings about commands Redis refuses and values it should
+//     not hold (refused, warnRarely): one a minute.
+type outages struct {
+	log       *slog.Logger
+	addr      string
+	retry     time.Duration // REDIS_RETRY_INTERVAL
+	ttl       time.Duration // CACHE_TTL
+	maxMissed int
+
+	downUntil       atomic.Int64 // zero while Redis is healthy; else when it may be asked again, Unix ns
+	quarantineUntil atomic.Int64 // Unix ns
+	lastWarning     atomic.Int64 // when warnRarely last logged, Unix ns
+	errors          atomic.Int64 // Redis commands that failed or were refused
+
+	mu         sync.Mutex
+	runID      string          // of the Redis server last connected to
+	missed     map[int64]int64 // item id -> the version below which its cached value is stale
+	overflowed bool            // more than maxMissed were missed
+	nmissed    atomic.Int64    // len(missed), read without the lock by every Get
+	flushing   atomic.Bool
+}
+
+func newOutages(cfg Config, log *slog.Logger) *outages {
+	return &outages{log: log, addr: cfg.redisAddr(), retry: cfg.RedisRetry, ttl: cfg.CacheTTL,
+		maxMissed: 100_000, missed: map[int64]int64{}}
+}
+
+// allow reports whether Redis may be asked now. While it is down, the first
+// caller after the retry interval becomes the probe and pushes the interval
+// on for everyone else, so that only it waits on a Redis that may be hung.
+func (o *outages) allow() bool {
+	until := o.downUntil.Load()
+	if until == 0 {
+		return true
+	}
+	now := time.Now().UnixNano()
+	if now < until {
+		return false
+	}
+	return o.downUntil.CompareAndSwap(until, now+int64(o.retry))
+}
+
+// ok records that Redis answered.
+func (o *outages) ok() {
+	if until := o.downUntil.Load(); until != 0 && o.downUntil.CompareAndSwap(until, 0) {
+		o.log.Info("redis is back; cache re-enabled", "addr", o.addr)
+	}
+}
+
+// failed records that Redis did not answer op: it is bypassed for the retry
+// interval, unless the client went away, which says nothing about Redis.
+func (o *outages) failed(ctx context.Context, op string, err error) {
+	o.errors.Add(1)
+	if ctx.Err() != nil {
+		return
+	}
+	next := time.Now().Add(o.retry).UnixNano()
+	for {
+		until := o.downUntil.Load()
+		if o.downUntil.CompareAndSwap(until, next) {
+			if until == 0 {
+				o.log.Warn("redis unavailable; serving from PostgreSQL and retrying", "addr", o.addr,
+					"op", op, "retry_every", o.retry, "err", err)
+			} else {
+				o.log.Debug("redis still unavailable", "op", op, "err", err)
+			}
+			return
+		}
+	}
+}
+
+// refused records that Redis answered op on key with an error reply (OOM
+// when full, WRONGTYPE): it is up, and only this command failed.
+func (o *outages) refused(op, key string, err error) {
+	o.errors.Add(1)
+	o.warnRarely("redis refused a command; carrying on without the cache for it", "op", op, "key", key, "err", err)
+}
+
+// warnRarely logs a warning unless one was logged less than a minute ago,
+// so that a full Redis (every SET refused) or a key another program keeps
+// rewriting does not flood the log.
+func (o *outages) warnRarely(msg string, args ...any) {
+	now := time.Now().UnixNano()
+	last := o.lastWarning.Load()
+	if now-last >= int64(time.Minute) && o.lastWarning.CompareAndSwap(last, now) {
+		o.log.Warn(msg+" (such warnings are logged at most once a minute)", args...)
+	}
+}
+
+// usable reports whether Redis may be read or filled now.
+func (o *outages) usable() bool { return !o.quarantined() && o.allow() }
+
+// quarantined reports whether Redis must not be read or filled now: after
+// a restart with data, or an outage that missed more invalidations than
+// could be remembered.
+func (o *outages) quarantined() bool {
+	until := o.quarantineUntil.Load()
+	return until != 0 && time.Now().UnixNano() < until
+}
+
+// quarantine keeps Redis unread until everything in it now has expired.
+func (o *outages) quarantine() {
+	o.quarantineUntil.Store(time.Now().Add(o.ttl + o.retry).UnixNano())
+}
+
+// remember records an invalidation to do before Redis is read again.
+func (o *outages) remember(id, floor int64) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.overflowed {
+		return
+	}
+	if _, ok := o.missed[id]; !ok && len(o.missed) >= o.maxMissed {
+		o.log.Warn("too many invalidations missed while Redis was unreachable; once it is back it will not be read for one CACHE_TTL",
+			"max", o.maxMissed, "cache_ttl", o.ttl)
+		o.overflowed = true
+		o.missed = map[int64]int64{}
+		o.nmissed.Store(1)
+		return
+	}
+	o.missed[id] = max(o.missed[id], floor)
+	o.nmissed.Store(int64(len(o.missed)))
+}
+
+// forget drops a remembered invalidation that one at floor has covered.
+func (o *outages) forget(id, floor int64) {
+	if o.nmissed.Load() == 0 {
+		return
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if f, ok := o.missed[id]; ok && f <= floor {
+		delete(o.missed, id)
+		o.nmissed.Store(int64(len(o.missed)))
+	}
+}
+
+// flushMissed does the remembered invalidations, and reports whether none
+// is left, so that Redis may be read. Only one request flushes at a time;
+// the others bypass Redis meanwhile.
+func (c *Cache) flushMissed(ctx context.Context) bool {
+	o := c.outages
+	if o.nmissed.Load() == 0 {
+		return true
+	}
+	if !o.flushing.CompareAndSwap(false, true) {
+		return false
+	}
+	defer o.flushing.Store(false)
+	o.mu.Lock()
+	overflowed := o.overflowed
+	const maxBatch = 1000 // keys per pipeline
+	batch := make(map[int64]int64, min(len(o.missed), maxBatch))
+	for id, floor := range o.missed {
+		if len(batch) == maxBatch {
+			break
+		}
+		batch[id] = floor
+	}
+	o.mu.Unlock()
+
+	if overflowed {
+		if err := c.rdb.Ping(ctx).Err(); err != nil {
+			o.failed(ctx, "PING", err)
+			return false
+		}
+		o.mu.Lock()
+		o.overflowed = false
+		o.nmissed.Store(int64(len(o.missed)))
+		o.mu.Unlock()
+		o.quarantine()
+		o.log.Warn("redis is back, but not read until every entry from before the outage has expired",
+			"for", o.ttl+o.retry)
+		return false
+	}
+	if err := c.invalidate(ctx, batch); err != nil {
+		o.failed(ctx, "invalidate", err)
+		return false
+	}
+	o.ok()
+	return o.nmissed.Load() == 0
+}
+
+// restartKey is the key of the restart mark, beside the items' keys.
+func (c *Cache) restartKey() string { return c.prefix + "restarted" }
+
+// onConnect runs on every new connection to Redis. A Redis that restarted
+// (its run_id changed) and holds keys has reloaded them from disk or from
+// another server: they may predate invalidations it had received, so it is
+// quarantined. go-redis drops dead pooled connections quietly, so this is
+// how a restart between two requests is noticed.
+func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
+	o := c.outages
+	info, err := cn.Info(ctx, "server").Result()
+	if err != nil {
+		return err
+	}
+	_, runID, _ := strings.Cut(info, "run_id:")
+	runID, _, _ = strings.Cut(runID, "\r\n")
+	o.mu.Lock()
+	previous := o.runID
+	if previous == "" {
+		o.runID = runID
+	}
+	o.mu.Unlock()
+	if previous == "" || previous == runID {
+		return nil
+	}
+	// Decide before any command runs on this connection; other new
+	// connections decide the same until runID is updated below. Reads that
+	// began before now may have been overtaken by writes whose tombstones
+	// the restart lost: the mark stops their fills (fillScript).
+	keys, err := cn.DBSize(ctx).Result()
+	if err != nil {
+		return err
+	}
+	marked, err := cn.Exists(ctx, c.restartKey()).Result()
+	if err != nil {
+		return err
+	}
+	keys -= marked // another replica's mark is not data
+	if err := cn.Set(ctx, c.restartKey(), time.Now().UnixMilli(), c.tombstoneTTL).Err(); err != nil {
+		return err
+	}
+	if keys > 0 {
+		o.quarantine()
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.runID != runID {
+		o.runID = runID
+		if keys > 0 {
+			o.log.Warn("redis restarted with data it may have reloaded from before invalidations; not read until it has expired",
+				"addr", o.addr, "keys", keys, "for", o.ttl+o.retry)
+		}
+	}
+	return nil
+}
+
+// quietRedisOnce silences go-redis's own (process-wide) logger, which
+// prints every failed dial to stderr: a flood during an outage. The cache
+// logs failures itself, once per outage.
+var quietRedisOnce sync.Once
+
+type discardLogger struct{}
+
+func (discardLogger) Printf(context.Context, string, ...any) {}
