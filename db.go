@@ -28,9 +28,10 @@ import (
 // field is declared here once. Version counts the row's writes (schema.sql)
 // and is not part of the API.
 //
-// To add a field: its column in schema.sql, a field here and in Input, its
-// check in Input.check (items.go), and the column in the INSERT and UPDATEs
-// below.
+// To add a field: its column in schema.sql; a field here with a db tag (ID
+// stays first: the cache checks that a value is its item's by the opening
+// {"id":N,), in Input and in Input.item; its check in Input.check
+// (items.go); and the column in the INSERT and UPDATEs below.
 type Item struct {
 	ID          int64   `json:"id" db:"id"`
 	Name        string  `json:"name" db:"name"`
@@ -281,43 +282,58 @@ func (s *Store) List(ctx context.Context, after int64, limit int) ([]Item, error
 
 // Replace sets every field of item it.ID to it's (a nil description stores
 // NULL), adds one to its version and returns it as stored, or ErrNotFound.
-func (s *Store) Replace(ctx context.Context, it Item) (Item, error) {
-	return s.write(ctx, `UPDATE items SET name = $2, description = $3, version = version + 1
-		WHERE id = $1::bigint RETURNING `+itemColumns, it.ID, it.Name, it.Description)
+func (s *Store) Replace(ctx context.Context, it Item) (stored Item, err error) {
+	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
+		stored, err = s.scanItem(c.QueryRowContext(ctx,
+			"UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING "+itemColumns,
+			it.ID, it.Name, it.Description))
+		return err
+	})
+	return stored, err
 }
 
 // Patch changes the fields that in sets (to NULL where it sets null), adds
 // one to the version and returns the item as stored, or ErrNotFound. It is
 // one statement, so concurrent patches of different fields never undo each
 // other.
-func (s *Store) Patch(ctx context.Context, id int64, in Input) (Item, error) {
-	return s.write(ctx, `UPDATE items SET
-			name = CASE WHEN $2 THEN $3 ELSE name END,
-			description = CASE WHEN $4 THEN $5 ELSE description END,
-			version = version + 1
-		WHERE id = $1::bigint RETURNING `+itemColumns,
-		id, in.Name.Set, in.Name.Value, in.Description.Set, in.Description.Value)
+func (s *Store) Patch(ctx context.Context, id int64, in Input) (stored Item, err error) {
+	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
+		stored, err = s.scanItem(c.QueryRowContext(ctx, `UPDATE items SET
+				name = CASE WHEN $2 THEN $3 ELSE name END,
+				description = CASE WHEN $4 THEN $5 ELSE description END,
+				version = version + 1
+			WHERE id = $1::bigint RETURNING `+itemColumns,
+			id, in.Name.Set, in.Name.Value, in.Description.Set, in.Description.Value))
+		return err
+	})
+	return stored, err
 }
 
-// Delete deletes item id and returns it as it was, or ErrNotFound.
-func (s *Store) Delete(ctx context.Context, id int64) (Item, error) {
-	return s.write(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING "+itemColumns, id)
+// Delete deletes item id and returns the version it had, or ErrNotFound.
+// Only the version comes back: the delete has committed by then, so it
+// must not fail on a row it cannot read (a table made by hand may hold one).
+func (s *Store) Delete(ctx context.Context, id int64) (version int64, err error) {
+	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
+		return s.classify(c.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version))
+	})
+	return version, err
 }
 
-// write runs a statement that changes an item and returns that item, on a
-// connection taken from the pool first, within the query timeout. If no
-// connection could be had (the pool stayed full, the client gave up while
-// waiting, or PostgreSQL could not be reached), the error wraps ErrNotSent:
-// nothing was written, and the cache may keep its value.
-func (s *Store) write(ctx context.Context, query string, args ...any) (Item, error) {
+// write runs a statement that changes an item (its errors classified by
+// the statement) on a connection taken from the pool first, within the
+// query timeout. If no connection could be had (the pool stayed full, the
+// client gave up while waiting, or PostgreSQL could not be reached), the
+// error wraps ErrNotSent: nothing was written, and the cache may keep its
+// value.
+func (s *Store) write(ctx context.Context, statement func(context.Context, *sql.Conn) error) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	c, err := s.db.Conn(ctx)
 	if err != nil {
-		return Item{}, s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
+		return s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
 	}
 	defer c.Close()
-	return s.scanItem(c.QueryRowContext(ctx, query, args...))
+	return statement(ctx, c)
 }
 
 // classify is classify, and after a query that timed out it also drops the

@@ -138,8 +138,8 @@ func (s *Items) Patch(ctx context.Context, id int64, in Input) (Item, error) {
 
 // Delete deletes item id. Errors: ErrNotFound, ErrUnavailable.
 func (s *Items) Delete(ctx context.Context, id int64) error {
-	it, err := s.store.Delete(ctx, id)
-	s.written(ctx, id, it.Version+1, err)
+	version, err := s.store.Delete(ctx, id)
+	s.written(ctx, id, version+1, err)
 	return err
 }
 
