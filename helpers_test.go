@@ -210,6 +210,9 @@ func do(t testing.TB, method, url, body string, headers ...string) response {
 	if err != nil {
 		t.Fatalf("%s %s: read body: %v", method, url, err)
 	}
+	if resp.Header.Get("Content-Type") == "application/json" && method != "HEAD" && resp.ContentLength != int64(len(b)) {
+		t.Errorf("%s %s: Content-Length %d for a body of %d bytes; want every JSON answer to say its length", method, url, resp.ContentLength, len(b))
+	}
 	return response{status: resp.StatusCode, header: resp.Header, body: b, elapsed: time.Since(start)}
 }
 

@@ -288,9 +288,11 @@ func truncate(s string) string {
 	return s
 }
 
-// writeJSON sends body, which must be JSON, and a newline.
+// writeJSON sends body, which must be JSON, and a newline, with its length:
+// a response that says its length is never chunked.
 func writeJSON(w http.ResponseWriter, status int, body []byte) {
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)+1))
 	w.WriteHeader(status)
 	w.Write(body)
 	w.Write([]byte("\n"))
@@ -567,7 +569,8 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 }
 
 // statusClientClosedRequest is nginx's 499, logged for a request whose
-// client hung up before its answer; it is never sent.
+// client hung up before its answer. It is meant for the log; only a client
+// that half-closed its connection, and so still reads, receives it.
 const statusClientClosedRequest = 499
 
 // noteError attaches the cause of a failed request to its log line.
@@ -626,10 +629,12 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 		}()
 		next.ServeHTTP(rec, r)
 		switch {
-		case r.Context().Err() != nil && rec.err == nil:
+		case r.Context().Err() != nil && rec.err == nil && rec.status < 400:
 			// The client went away before its answer (which is written
-			// out only after the handler returns): 499, as nginx logs it,
-			// whatever the handler answered.
+			// out only after the handler returns): 499, as nginx logs it.
+			// An error the handler answered stands: Go's server also ends
+			// the context when a body cannot be read, and that 408 or 413
+			// was the answer.
 			rec.status = statusClientClosedRequest
 		case rec.status == 0:
 			rec.status = http.StatusOK

@@ -45,7 +45,7 @@ func TestAPI(t *testing.T) {
 		{"create with empty description", "POST", "/items", `{"name":"pen","description":""}`, nil, 201, `"description":""}`, nil},
 		{"charset parameter", "POST", "/items", `{"name":"pen"}`, []string{"Content-Type", "application/json; charset=utf-8"}, 201, `"name":"pen"`, nil},
 		{"200 two-byte characters", "POST", "/items", `{"name":"` + strings.Repeat("é", 200) + `"}`, nil, 201, `"name":"é`, nil},
-		{"2000-character description", "POST", "/items", `{"name":"n","description":"` + strings.Repeat("d", 2000) + `"}`, nil, 201, `"name":"n"`, nil},
+		{"2000-character description of 4000 bytes", "POST", "/items", `{"name":"n","description":"` + strings.Repeat("é", 2000) + `"}`, nil, 201, `"name":"n"`, nil},
 		{"SQL text stored literally", "POST", "/items", `{"name":"x'); DROP TABLE items;--","description":"\" OR 1=1"}`, nil, 201, `"name":"x'); DROP TABLE items;--","description":"\" OR 1=1"`, nil},
 
 		{"valid surrogate pair", "POST", "/items", `{"name":"\ud83d\ude00"}`, nil, 201, `"name":"😀"`, nil},
@@ -68,7 +68,7 @@ func TestAPI(t *testing.T) {
 		{"lone high surrogate", "POST", "/items", `{"name":"a\ud800b"}`, nil, 400, `surrogate`, nil},
 		{"lone low surrogate", "POST", "/items", `{"name":"x","description":"\udc00"}`, nil, 400, `surrogate`, nil},
 		{"null body", "POST", "/items", `null`, nil, 400, `must be a JSON object`, nil},
-		{"unknown field", "POST", "/items", `{"name":"x","price":3}`, nil, 400, `unknown field \"price\"`, nil},
+		{"unknown field", "POST", "/items", `{"name":"x","no_such_field":3}`, nil, 400, `unknown field \"no_such_field\"`, nil},
 		{"wrong type of name", "POST", "/items", `{"name":42}`, nil, 400, `field \"name\" must be a string`, nil},
 		{"wrong type of description", "POST", "/items", `{"name":"x","description":true}`, nil, 400, `field \"description\" must be a string`, nil},
 		{"array body", "POST", "/items", `[{"name":"x"}]`, nil, 400, `must be a JSON object`, nil},
@@ -144,7 +144,8 @@ func TestAPI(t *testing.T) {
 // as over 1 MiB is refused at once with 413.
 func TestSlowBody(t *testing.T) {
 	cfg := testConfig(t)
-	log := newLogBuffer(t).logger()
+	logs := newLogBuffer(t)
+	log := logs.logger()
 	srv := &http.Server{Handler: newServer(log, newItems(newTestStore(t, cfg, log), newTestCache(t, cfg, log))), ReadTimeout: 300 * time.Millisecond}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -165,6 +166,10 @@ func TestSlowBody(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusRequestTimeout || strings.Contains(string(body), "127.0.0.1") {
 		t.Errorf("got %d %s; want 408 without addresses", resp.StatusCode, body)
+	}
+	waitFor(t, "the request's log line", func() bool { return logs.count("msg=request") > 0 })
+	if n := logs.count("path=/items status=408"); n != 1 {
+		t.Errorf("log lines with status=408: %d; want 1 (the status sent). Log:\n%s", n, logs)
 	}
 
 	c2, err := net.Dial("tcp", ln.Addr().String())
