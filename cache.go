@@ -97,32 +97,35 @@ func (c *Cache) Key(id int64) string {
 // Get returns the cached body of item id with Hit, or nil with Miss (no
 // such key, a tombstone, a value this build did not write for this item, or
 // a key of another type, WRONGTYPE, which the next Fill replaces) or Bypass
-// (Redis not asked, or it failed). Invalidations missed earlier are done
-// first; until they succeed, Redis is not read.
-func (c *Cache) Get(ctx context.Context, id int64) ([]byte, Outcome) {
+// (Redis not asked, or it failed). On a Miss, seen is the version of the
+// tombstone or value Redis holds (0 if none): a write has committed at
+// least that version, so a read of the item must not be older. Invalidations
+// missed earlier are done first; until they succeed, Redis is not read.
+func (c *Cache) Get(ctx context.Context, id int64) (body []byte, outcome Outcome, seen int64) {
 	if !c.outages.usable() || !c.flushMissed(ctx) {
-		return nil, Bypass
+		return nil, Bypass, 0
 	}
 	v, err := c.rdb.Get(ctx, c.Key(id)).Bytes()
 	switch {
 	case err == nil && c.outages.quarantined():
 		// The GET was the first on a new connection to a restarted Redis.
-		return nil, Bypass
+		return nil, Bypass, 0
 	case err == nil:
 		c.outages.ok()
 		if body, ok := c.body(v, id); ok {
-			return body, Hit
+			return body, Hit, 0
 		}
-		return nil, Miss
+		seen, _ = strconv.ParseInt(string(v[:max(0, bytes.IndexByte(v, ':'))]), 10, 64)
+		return nil, Miss, seen
 	case errors.Is(err, redis.Nil):
 		c.outages.ok()
-		return nil, Miss
+		return nil, Miss, 0
 	case redis.HasErrorPrefix(err, "WRONGTYPE"):
 		c.outages.refused("GET", c.Key(id), err)
-		return nil, Miss
+		return nil, Miss, 0
 	}
 	c.outages.failed(ctx, "GET", err)
-	return nil, Bypass
+	return nil, Bypass, 0
 }
 
 // Fill caches body, the JSON of item id at version, with the TTL, unless

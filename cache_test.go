@@ -391,8 +391,9 @@ func TestNoStaleReadAfterRedisFailure(t *testing.T) {
 }
 
 // TestNoStaleReads is the read-after-write check under load, against the
-// real PostgreSQL and Redis: writers update (PUT, PATCH), delete and
-// recreate a few items while readers GET them. Each writer owns its items
+// real PostgreSQL and Redis and two replicas of the service: writers update
+// (PUT, PATCH), delete and recreate a few items while readers GET them,
+// each request through either replica. Each writer owns its items
 // and numbers its writes in the name; a reader notes the last write
 // acknowledged before its GET began, and the GET must show that write or a
 // later one, and never a deleted item. STRESS_DURATION sets how long it
@@ -411,7 +412,17 @@ func TestNoStaleReads(t *testing.T) {
 	cfg.LogLevel = slog.LevelWarn
 	logs := newLogBuffer(t)
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	base := testServer(t, log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))
+	// Two replicas, each with its own pool, Redis client and shared reads,
+	// as two processes would have; writers and readers use both.
+	replicas := []string{testServer(t, log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))}
+	store, err := openStore(t.Context(), cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	cache := newCache(cfg, itemShape, log)
+	defer cache.Close()
+	replicas = append(replicas, testServer(t, log, store, cache))
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: writers + readers}}
 	defer client.CloseIdleConnections()
 	send := func(method, url, body string) (int, string, string, error) {
@@ -440,7 +451,7 @@ func TestNoStaleReads(t *testing.T) {
 	}
 	slots := make([]atomic.Pointer[acked], writers*itemsPerWriter)
 	create := func(slot int, seq int64) error {
-		status, body, _, err := send("POST", base+"/items", fmt.Sprintf(`{"name":"s%d-%d"}`, slot, seq))
+		status, body, _, err := send("POST", replicas[slot%2]+"/items", fmt.Sprintf(`{"name":"s%d-%d"}`, slot, seq))
 		var it Item
 		if err == nil && (status != 201 || json.Unmarshal([]byte(body), &it) != nil) {
 			err = fmt.Errorf("POST: %d %s", status, body)
@@ -486,7 +497,7 @@ func TestNoStaleReads(t *testing.T) {
 				slot := w*itemsPerWriter + n%itemsPerWriter
 				cur := slots[slot].Load()
 				seq := cur.seq + 1
-				url := fmt.Sprintf("%s/items/%d", base, cur.id)
+				url := fmt.Sprintf("%s/items/%d", replicas[(w+n)%2], cur.id)
 				var status int
 				var body string
 				var err error
@@ -528,7 +539,7 @@ func TestNoStaleReads(t *testing.T) {
 			for n := 0; ctx.Err() == nil; n++ {
 				slot := (r + n*7) % len(slots)
 				before := slots[slot].Load()
-				status, body, xcache, err := send("GET", fmt.Sprintf("%s/items/%d", base, before.id), "")
+				status, body, xcache, err := send("GET", fmt.Sprintf("%s/items/%d", replicas[(r+n)%2], before.id), "")
 				if err != nil {
 					if ctx.Err() == nil {
 						fail("reader %d: %v", r, err)
@@ -994,19 +1005,19 @@ func TestItemShapes(t *testing.T) {
 	mine, theirs := []byte(`{"id":7,"name":"a"}`), []byte(`{"id":7,"name":"a","extra":5}`)
 
 	this.Fill(ctx, 7, 1, mine, time.Now())
-	if _, outcome := other.Get(ctx, 7); outcome != Miss {
+	if _, outcome, _ := other.Get(ctx, 7); outcome != Miss {
 		t.Errorf("the other build reading this build's value: %s; want MISS", outcome)
 	}
 	other.Fill(ctx, 7, 1, theirs, time.Now())
-	if body, outcome := other.Get(ctx, 7); outcome != Hit || string(body) != string(theirs) {
+	if body, outcome, _ := other.Get(ctx, 7); outcome != Hit || string(body) != string(theirs) {
 		t.Errorf("the other build reading its own value: %s %s; want HIT %s", outcome, body, theirs)
 	}
-	if _, outcome := this.Get(ctx, 7); outcome != Miss {
+	if _, outcome, _ := this.Get(ctx, 7); outcome != Miss {
 		t.Errorf("this build reading the other build's value: %s; want MISS", outcome)
 	}
 	other.Invalidate(ctx, 7, 2) // a write through the other build
 	this.Fill(ctx, 7, 1, mine, time.Now())
-	if _, outcome := this.Get(ctx, 7); outcome != Miss {
+	if _, outcome, _ := this.Get(ctx, 7); outcome != Miss {
 		t.Errorf("after the other build's write, a fill of the old version: %s; want MISS (the tombstone holds)", outcome)
 	}
 }

@@ -65,7 +65,7 @@ func shapeOf(t reflect.Type) string {
 // that caller's client hangs up, since the others still want its answer; so
 // that caller still waits for it, at most DB_QUERY_TIMEOUT.
 func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
-	body, outcome := s.cache.Get(ctx, id)
+	body, outcome, seen := s.cache.Get(ctx, id)
 	s.outcomes[outcome].Add(1)
 	if outcome == Hit {
 		return body, Hit, nil
@@ -73,7 +73,7 @@ func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
 	s.waiting.Add(1)
 	defer s.waiting.Add(-1)
 	shared := context.WithoutCancel(ctx)
-	v, err, _ := s.flights.Do(strconv.FormatInt(id, 10), func() (any, error) {
+	v, err, _ := s.flights.Do(flightKey(id, seen), func() (any, error) {
 		return s.read(shared, id, outcome == Miss)
 	})
 	if err != nil {
@@ -145,8 +145,8 @@ func (s *Items) Delete(ctx context.Context, id int64) error {
 
 // written invalidates item id after a write: its cached versions below
 // floor become stale. Readers that arrive later must not join a query that
-// began before the write, so the item's flight is forgotten too. It runs
-// even if the client has gone: the write has happened.
+// began before the write (see flightKey). It runs even if the client has
+// gone: the write has happened.
 func (s *Items) written(ctx context.Context, id, floor int64, err error) {
 	var pgErr *pgconn.PgError
 	switch {
@@ -163,7 +163,17 @@ func (s *Items) written(ctx context.Context, id, floor int64, err error) {
 		floor = unknownVersion // it may have committed
 	}
 	s.cache.Invalidate(context.WithoutCancel(ctx), id, floor)
-	s.flights.Forget(strconv.FormatInt(id, 10))
+	s.flights.Forget(flightKey(id, 0))
+}
+
+// flightKey names the shared read of item id by the requests that saw
+// version seen of it in Redis (0: none). A request joins only a read begun
+// after what it saw was written: one that sees a write's tombstone, from
+// this replica or another, never joins a read from before that write. A
+// write forgets the reads of those that saw nothing (Redis bypassed, or the
+// invalidation missed), which a later request of this replica would join.
+func flightKey(id, seen int64) string {
+	return strconv.FormatInt(id, 10) + "@" + strconv.FormatInt(seen, 10)
 }
 
 // Ready reports whether PostgreSQL and Redis answer, for readiness.

@@ -584,3 +584,53 @@ func BenchmarkCreate(b *testing.B) {
 		serveOnce(b, h, req, 201)
 	}
 }
+
+// TestNoJoiningAReadFromBeforeAnotherReplicasWrite: with two replicas, a
+// GET on one that arrives after a write through the other has been
+// acknowledged must not share a PostgreSQL read that began before the
+// write. The writer's tombstone in Redis tells it so.
+func TestNoJoiningAReadFromBeforeAnotherReplicasWrite(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.DBQueryTimeout = 20 * time.Second
+	log := newLogBuffer(t).logger()
+	direct := newTestStore(t, cfg, log)
+	a := serveItems(t, log, newItems(direct, newTestCache(t, cfg, log)))
+
+	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
+	proxied := cfg
+	proxied.DBHost, proxied.DBPort = "127.0.0.1", pg.port()
+	store, err := openStore(t.Context(), proxied, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	cacheB := newCache(cfg, itemShape, log)
+	defer cacheB.Close()
+	replicaB := newItems(store, cacheB)
+	b := serveItems(t, log, replicaB)
+
+	it := createItem(t, a, `{"name":"old"}`)
+	path := fmt.Sprintf("/items/%d", it.ID)
+	do(t, "GET", b+path, "") // B prepares its statement (see TestNoJoiningAReadFromBeforeAWrite)
+	cacheB.rdb.Del(t.Context(), cacheB.Key(it.ID))
+	replicaB.reads.Store(0)
+
+	pg.stallReplies()
+	early := make(chan response, 1)
+	go func() { early <- do(t, "GET", b+path, "") }()
+	waitFor(t, "B's first read to be sent", func() bool { return pg.held.Load() > 0 })
+	if res := do(t, "PUT", a+path, `{"name":"new"}`); res.status != 200 {
+		t.Fatalf("PUT through A: got %d %s", res.status, res.body)
+	}
+	late := make(chan response, 1)
+	go func() { late <- do(t, "GET", b+path, "") }()
+	waitFor(t, "B's second GET to wait", func() bool { return replicaB.waiting.Load() == 2 })
+	time.Sleep(100 * time.Millisecond) // let it start a read of its own, if it is to
+	pg.resume()
+	if res := <-late; res.status != 200 || !strings.Contains(string(res.body), `"new"`) {
+		t.Errorf("GET on B after A's write was acknowledged: got %d %s; want the new name", res.status, res.body)
+	}
+	if res := <-early; res.status != 200 || !strings.Contains(string(res.body), `"old"`) {
+		t.Errorf("GET on B from before the write: got %d %s; want the old name (it read before the write)", res.status, res.body)
+	}
+}
