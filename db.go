@@ -215,6 +215,22 @@ func (s *Store) Ping(ctx context.Context) error {
 // db tags, in the order of its fields, which scanItem reads them in.
 var itemColumns = strings.Join(dbTags(reflect.TypeFor[Item]()), ", ")
 
+// The queries that return items, made once. They compare ids as
+// $1::bigint: a table created by hand with SERIAL has an int4 id, and an
+// int8 parameter compared with it still uses the primary key index, while
+// an int4 parameter would fail to encode ids above 2^31-1.
+var (
+	insertItem  = "INSERT INTO items (name, description) VALUES ($1, $2) RETURNING " + itemColumns
+	selectItem  = "SELECT " + itemColumns + " FROM items WHERE id = $1::bigint"
+	selectItems = "SELECT " + itemColumns + " FROM items WHERE id > $1::bigint ORDER BY id LIMIT $2"
+	replaceItem = "UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING " + itemColumns
+	patchItem   = `UPDATE items SET
+			name = CASE WHEN $2 THEN $3 ELSE name END,
+			description = CASE WHEN $4 THEN $5 ELSE description END,
+			version = version + 1
+		WHERE id = $1::bigint RETURNING ` + itemColumns
+)
+
 func dbTags(t reflect.Type) []string {
 	tags := make([]string, t.NumField())
 	for i := range tags {
@@ -234,27 +250,19 @@ func (s *Store) scanItem(row interface{ Scan(...any) error }) (Item, error) {
 	return it, s.classify(row.Scan(dests...))
 }
 
-// The statements below compare ids as $1::bigint: a table created by hand
-// with SERIAL has an int4 id, and an int8 parameter compared with it still
-// uses the primary key index, while an int4 parameter would fail to encode
-// ids above 2^31-1.
-
 // Create inserts it (its ID and Version aside) and returns it as stored,
 // with its new id and version 1.
 func (s *Store) Create(ctx context.Context, it Item) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return s.scanItem(s.db.QueryRowContext(ctx,
-		"INSERT INTO items (name, description) VALUES ($1, $2) RETURNING "+itemColumns,
-		it.Name, it.Description))
+	return s.scanItem(s.db.QueryRowContext(ctx, insertItem, it.Name, it.Description))
 }
 
 // Get returns the item with the given id, or ErrNotFound.
 func (s *Store) Get(ctx context.Context, id int64) (Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return s.scanItem(s.db.QueryRowContext(ctx,
-		"SELECT "+itemColumns+" FROM items WHERE id = $1::bigint", id))
+	return s.scanItem(s.db.QueryRowContext(ctx, selectItem, id))
 }
 
 // List returns at most limit items with ids greater than after, in id
@@ -263,8 +271,7 @@ func (s *Store) Get(ctx context.Context, id int64) (Item, error) {
 func (s *Store) List(ctx context.Context, after int64, limit int) ([]Item, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	rows, err := s.db.QueryContext(ctx,
-		"SELECT "+itemColumns+" FROM items WHERE id > $1::bigint ORDER BY id LIMIT $2", after, limit)
+	rows, err := s.db.QueryContext(ctx, selectItems, after, limit)
 	if err != nil {
 		return nil, s.classify(err)
 	}
@@ -284,9 +291,7 @@ func (s *Store) List(ctx context.Context, after int64, limit int) ([]Item, error
 // NULL), adds one to its version and returns it as stored, or ErrNotFound.
 func (s *Store) Replace(ctx context.Context, it Item) (stored Item, err error) {
 	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
-		stored, err = s.scanItem(c.QueryRowContext(ctx,
-			"UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING "+itemColumns,
-			it.ID, it.Name, it.Description))
+		stored, err = s.scanItem(c.QueryRowContext(ctx, replaceItem, it.ID, it.Name, it.Description))
 		return err
 	})
 	return stored, err
@@ -298,11 +303,7 @@ func (s *Store) Replace(ctx context.Context, it Item) (stored Item, err error) {
 // other.
 func (s *Store) Patch(ctx context.Context, id int64, in Input) (stored Item, err error) {
 	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
-		stored, err = s.scanItem(c.QueryRowContext(ctx, `UPDATE items SET
-				name = CASE WHEN $2 THEN $3 ELSE name END,
-				description = CASE WHEN $4 THEN $5 ELSE description END,
-				version = version + 1
-			WHERE id = $1::bigint RETURNING `+itemColumns,
+		stored, err = s.scanItem(c.QueryRowContext(ctx, patchItem,
 			id, in.Name.Set, in.Name.Value, in.Description.Set, in.Description.Value))
 		return err
 	})
