@@ -415,14 +415,7 @@ func TestNoStaleReads(t *testing.T) {
 	// Two replicas, each with its own pool, Redis client and shared reads,
 	// as two processes would have; writers and readers use both.
 	replicas := []string{testServer(t, log, newTestStore(t, cfg, log), newTestCache(t, cfg, log))}
-	store, err := openStore(t.Context(), cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	cache := newCache(cfg, itemShape, log)
-	defer cache.Close()
-	replicas = append(replicas, testServer(t, log, store, cache))
+	replicas = append(replicas, serveItems(t, log, newReplica(t, cfg, log)))
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: writers + readers}}
 	defer client.CloseIdleConnections()
 	send := func(method, url, body string) (int, string, string, error) {

@@ -155,6 +155,24 @@ func (l *logBuffer) logger() *slog.Logger {
 	return newLogger(Config{LogLevel: slog.LevelDebug}, l)
 }
 
+// newReplica is another instance of the service on cfg's PostgreSQL schema
+// and Redis, as a second process would be: its own pool, Redis client and
+// shared reads. The test's first store and cache create and remove the
+// schema and the keys.
+func newReplica(t testing.TB, cfg Config, log *slog.Logger) *Items {
+	t.Helper()
+	store, err := openStore(t.Context(), cfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache := newCache(cfg, itemShape, log)
+	t.Cleanup(func() {
+		cache.Close()
+		store.Close()
+	})
+	return newItems(store, cache)
+}
+
 // testServer serves the API over real HTTP and returns its base URL.
 func testServer(t testing.TB, log *slog.Logger, store *Store, cache *Cache) string {
 	t.Helper()

@@ -599,20 +599,13 @@ func TestNoJoiningAReadFromBeforeAnotherReplicasWrite(t *testing.T) {
 	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
 	proxied := cfg
 	proxied.DBHost, proxied.DBPort = "127.0.0.1", pg.port()
-	store, err := openStore(t.Context(), proxied, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	cacheB := newCache(cfg, itemShape, log)
-	defer cacheB.Close()
-	replicaB := newItems(store, cacheB)
+	replicaB := newReplica(t, proxied, log)
 	b := serveItems(t, log, replicaB)
 
 	it := createItem(t, a, `{"name":"old"}`)
 	path := fmt.Sprintf("/items/%d", it.ID)
 	do(t, "GET", b+path, "") // B prepares its statement (see TestNoJoiningAReadFromBeforeAWrite)
-	cacheB.rdb.Del(t.Context(), cacheB.Key(it.ID))
+	replicaB.cache.rdb.Del(t.Context(), replicaB.cache.Key(it.ID))
 	replicaB.reads.Store(0)
 
 	pg.stallReplies()
