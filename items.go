@@ -26,7 +26,7 @@ import (
 type Items struct {
 	store   *Store
 	cache   *Cache
-	flights singleflight.Group // keyed by the id in decimal
+	flights singleflight.Group // shared PostgreSQL reads, keyed by flightKey
 
 	reads   atomic.Int64 // PostgreSQL queries made for single-item reads
 	waiting atomic.Int64 // requests now waiting for such a query
