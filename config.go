@@ -24,7 +24,7 @@ type Config struct {
 	DBUser           string        // DB_USER
 	DBPassword       string        // DB_PASSWORD; never logged.
 	DBSchema         string        // DB_SCHEMA: created if missing and put first on search_path; empty keeps the server's default (public).
-	DBSSLMode        string        // DB_SSLMODE: libpq sslmode (disable, prefer, require, verify-ca, verify-full).
+	DBSSLMode        string        // DB_SSLMODE: libpq sslmode (disable, allow, prefer, require, verify-ca, verify-full).
 	DBMaxConns       int           // DB_MAX_CONNS: size of the connection pool.
 	DBConnectTimeout time.Duration // DB_CONNECT_TIMEOUT: how long startup waits for PostgreSQL.
 	DBQueryTimeout   time.Duration // DB_QUERY_TIMEOUT: bound on each query, including the wait for a pooled connection.

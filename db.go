@@ -31,7 +31,8 @@ import (
 // To add a field: its column in schema.sql; a field here with a db tag (ID
 // stays first: the cache checks that a value is its item's by the opening
 // {"id":N,), in Input and in Input.item; its check in Input.check
-// (items.go); and the column in the INSERT and UPDATEs below.
+// (items.go); and the column in the INSERT and UPDATEs below, with its value
+// in their arguments (Create, Replace, Patch).
 type Item struct {
 	ID          int64   `json:"id" db:"id"`
 	Name        string  `json:"name" db:"name"`
