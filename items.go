@@ -27,6 +27,9 @@ type Items struct {
 	store   *Store
 	cache   *Cache
 	flights singleflight.Group // shared PostgreSQL reads, keyed by flightKey
+	// writes counts this replica's writes of each item (by id, modulo its
+	// length: items that share a count only share reads less), for flightKey.
+	writes [1024]atomic.Uint64
 
 	reads   atomic.Int64 // PostgreSQL queries made for single-item reads
 	waiting atomic.Int64 // requests now waiting for such a query
@@ -73,7 +76,7 @@ func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
 	s.waiting.Add(1)
 	defer s.waiting.Add(-1)
 	shared := context.WithoutCancel(ctx)
-	v, err, _ := s.flights.Do(flightKey(id, seen), func() (any, error) {
+	v, err, _ := s.flights.Do(s.flightKey(id, seen), func() (any, error) {
 		return s.read(shared, id, outcome == Miss)
 	})
 	if err != nil {
@@ -163,17 +166,17 @@ func (s *Items) written(ctx context.Context, id, floor int64, err error) {
 		floor = unknownVersion // it may have committed
 	}
 	s.cache.Invalidate(context.WithoutCancel(ctx), id, floor)
-	s.flights.Forget(flightKey(id, 0))
+	s.writes[uint64(id)%uint64(len(s.writes))].Add(1)
 }
 
 // flightKey names the shared read of item id by the requests that saw
-// version seen of it in Redis (0: none). A request joins only a read begun
-// after what it saw was written: one that sees a write's tombstone, from
-// this replica or another, never joins a read from before that write. A
-// write forgets the reads of those that saw nothing (Redis bypassed, or the
-// invalidation missed), which a later request of this replica would join.
-func flightKey(id, seen int64) string {
-	return strconv.FormatInt(id, 10) + "@" + strconv.FormatInt(seen, 10)
+// version seen of it in Redis (0: none) and the same count of this
+// replica's writes of it. A request joins only a read begun after the last
+// write it can know of: after every write of this replica, which bumps the
+// count, and after a write of another replica whose tombstone it saw.
+func (s *Items) flightKey(id, seen int64) string {
+	writes := s.writes[uint64(id)%uint64(len(s.writes))].Load()
+	return strconv.FormatInt(id, 10) + "@" + strconv.FormatInt(seen, 10) + "." + strconv.FormatUint(writes, 10)
 }
 
 // Ready reports whether PostgreSQL and Redis answer, for readiness.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -316,56 +317,67 @@ func TestStampede(t *testing.T) {
 
 // TestNoJoiningAReadFromBeforeAWrite: a GET that arrives after a write has
 // been acknowledged must not share a PostgreSQL read that began before the
-// write, which would answer with the old row.
+// write, which would answer with the old row; also when an earlier write's
+// outcome was unknown, so that Redis holds the same tombstone before and
+// after the write.
 func TestNoJoiningAReadFromBeforeAWrite(t *testing.T) {
-	cfg := testConfig(t)
-	cfg.DBQueryTimeout = 20 * time.Second
-	log := newLogBuffer(t).logger()
-	direct := newTestStore(t, cfg, log)
-	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
-	cfg.DBHost, cfg.DBPort = "127.0.0.1", pg.port()
-	cfg.DBMaxConns = 1
-	store, err := openStore(t.Context(), cfg, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	cache := newTestCache(t, cfg, log)
-	items := newItems(store, cache)
-	base := serveItems(t, log, items)
-	it := createItem(t, base, `{"name":"old"}`)
-	url := fmt.Sprintf("%s/items/%d", base, it.ID)
-	// pgx prepares a statement on its first use; prepare it now, so that the
-	// reply held below is the row itself. Then empty the cache.
-	do(t, "GET", url, "")
-	cache.rdb.Del(t.Context(), cache.Key(it.ID))
-	items.reads.Store(0)
+	for _, unknownFirst := range []bool{false, true} {
+		t.Run(map[bool]string{false: "after nothing", true: "after a write with an unknown outcome"}[unknownFirst], func(t *testing.T) {
+			cfg := testConfig(t)
+			cfg.DBQueryTimeout = 20 * time.Second
+			log := newLogBuffer(t).logger()
+			direct := newTestStore(t, cfg, log)
+			pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
+			cfg.DBHost, cfg.DBPort = "127.0.0.1", pg.port()
+			cfg.DBMaxConns = 1
+			store, err := openStore(t.Context(), cfg, log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer store.Close()
+			cache := newTestCache(t, cfg, log)
+			items := newItems(store, cache)
+			base := serveItems(t, log, items)
+			it := createItem(t, base, `{"name":"old"}`)
+			url := fmt.Sprintf("%s/items/%d", base, it.ID)
+			// pgx prepares a statement on its first use; prepare it now, so
+			// that the reply held below is the row itself. Then empty the cache.
+			do(t, "GET", url, "")
+			cache.rdb.Del(t.Context(), cache.Key(it.ID))
+			if unknownFirst {
+				items.written(t.Context(), it.ID, 0, errors.New("the answer was lost")) // as Items.Replace after a timeout
+			}
+			items.reads.Store(0)
 
-	pg.stallReplies()
-	early := make(chan response, 1)
-	go func() { early <- do(t, "GET", url, "") }()
-	waitFor(t, "the first read's answer", func() bool { return pg.held.Load() > 0 })
+			pg.stallReplies()
+			early := make(chan response, 1)
+			go func() { early <- do(t, "GET", url, "") }()
+			waitFor(t, "the first read's answer", func() bool { return pg.held.Load() > 0 })
 
-	// The write commits (on another connection) and runs its after-commit
-	// step, as Items.Replace does, while that read is still in flight.
-	updated, err := direct.Replace(t.Context(), Item{ID: it.ID, Name: "new"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	items.written(t.Context(), it.ID, updated.Version, nil)
+			// The write commits (on another connection) and runs its
+			// after-commit step, as Items.Replace does, while that read is
+			// still in flight.
+			updated, err := direct.Replace(t.Context(), Item{ID: it.ID, Name: "new"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			items.written(t.Context(), it.ID, updated.Version, nil)
 
-	late := make(chan response, 1)
-	go func() { late <- do(t, "GET", url, "") }()
-	waitFor(t, "the second GET to start its own read", func() bool { return items.reads.Load() == 2 || items.waiting.Load() == 2 })
-	pg.resume()
-	if res := <-late; res.status != 200 || !strings.Contains(string(res.body), `"new"`) {
-		t.Errorf("GET after the write: got %d %s; want the new name", res.status, res.body)
-	}
-	if res := <-early; res.status != 200 || !strings.Contains(string(res.body), `"old"`) {
-		t.Errorf("GET from before the write: got %d %s; want the old name (it read before the write)", res.status, res.body)
-	}
-	if got := items.reads.Load(); got != 2 {
-		t.Errorf("PostgreSQL reads: got %d; want 2 (the later GET must not share the earlier read)", got)
+			late := make(chan response, 1)
+			go func() { late <- do(t, "GET", url, "") }()
+			waitFor(t, "the second GET to start its own read", func() bool { return items.reads.Load() == 2 || items.waiting.Load() == 2 })
+			time.Sleep(100 * time.Millisecond) // let it start a read of its own, if it is to
+			pg.resume()
+			if res := <-late; res.status != 200 || !strings.Contains(string(res.body), `"new"`) {
+				t.Errorf("GET after the write: got %d %s; want the new name", res.status, res.body)
+			}
+			if res := <-early; res.status != 200 || !strings.Contains(string(res.body), `"old"`) {
+				t.Errorf("GET from before the write: got %d %s; want the old name (it read before the write)", res.status, res.body)
+			}
+			if got := items.reads.Load(); got != 2 {
+				t.Errorf("PostgreSQL reads: got %d; want 2 (the later GET must not share the earlier read)", got)
+			}
+		})
 	}
 }
 
