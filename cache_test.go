@@ -935,6 +935,9 @@ func TestCacheAside(t *testing.T) {
 		fmt.Sprintf("1:00000000:%08x:%s", crc32c("1:00000000:"+body), body), // written by a build whose item has other fields
 		fmt.Sprintf("1:%08x:%s", crc32c("1:"+body), body),                   // the format before values named their shape
 	} {
+		if bad == cached {
+			continue // an uppercase checksum with no letters in it
+		}
 		if err := cache.rdb.Set(t.Context(), key, bad, time.Minute).Err(); err != nil {
 			t.Fatal(err)
 		}

@@ -555,10 +555,48 @@ func TestDeleteUnreadableRow(t *testing.T) {
 	}
 }
 
+// sample sets v to a value of its type that tells field i and the round n
+// apart from the others; it fails the test for a type it does not know.
+func sample(t *testing.T, v reflect.Value, name string, i, n int) {
+	t.Helper()
+	switch k := v.Kind(); k {
+	case reflect.Pointer:
+		v.Set(reflect.New(v.Type().Elem()))
+		sample(t, v.Elem(), name, i, n)
+	case reflect.String:
+		v.SetString(fmt.Sprintf("%s %d", name, n))
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		v.SetInt(int64(10*n + i))
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		v.SetUint(uint64(10*n + i))
+	case reflect.Float32, reflect.Float64:
+		v.SetFloat(float64(10*n+i) + 0.5)
+	case reflect.Bool:
+		v.SetBool(n%2 == 1)
+	default:
+		t.Fatalf("field %s is a %s; give sample in db_test.go a value of that type", name, v.Type())
+	}
+}
+
+// sampleItem is an Item with a sample in every field but ID and Version,
+// which the table keeps.
+func sampleItem(t *testing.T, n int) Item {
+	t.Helper()
+	var it Item
+	v := reflect.ValueOf(&it).Elem()
+	for i, f := range reflect.VisibleFields(v.Type()) {
+		if f.Name != "ID" && f.Name != "Version" {
+			sample(t, v.Field(i), f.Name, i, n)
+		}
+	}
+	return it
+}
+
 // TestItemAndInput: every field of Item names its column (the queries
-// select Item's db tags), and Input.item fills every field of the Item that
-// Input gives, so that a field added to both types but not copied there is
-// caught here, rather than stored as null by every POST and PUT.
+// select Item's db tags), and Input.item copies every field that Input
+// gives into the Item's field of that name, so that a field added to both
+// types but not copied there (or copied from another) is caught here,
+// rather than stored as null by every POST and PUT.
 func TestItemAndInput(t *testing.T) {
 	for _, f := range reflect.VisibleFields(reflect.TypeFor[Item]()) {
 		if f.Tag.Get("db") == "" {
@@ -568,31 +606,73 @@ func TestItemAndInput(t *testing.T) {
 	var in Input
 	fields := reflect.ValueOf(&in).Elem()
 	for i := range fields.NumField() {
-		set, value := fields.Field(i).Field(0), fields.Field(i).Field(1) // optional's Set and Value
-		v := reflect.New(value.Type().Elem())
-		switch k := v.Elem().Kind(); k {
-		case reflect.String:
-			v.Elem().SetString("x")
-		case reflect.Int, reflect.Int32, reflect.Int64:
-			v.Elem().SetInt(7)
-		case reflect.Float64:
-			v.Elem().SetFloat(1.5)
-		case reflect.Bool:
-			v.Elem().SetBool(true)
-		default:
-			t.Fatalf("Input.%s is a %s; give this test a value of that kind", fields.Type().Field(i).Name, k)
-		}
-		set.SetBool(true)
-		value.Set(v)
+		fields.Field(i).FieldByName("Set").SetBool(true)
+		sample(t, fields.Field(i).FieldByName("Value"), fields.Type().Field(i).Name, i, 1)
 	}
 	it := reflect.ValueOf(in.item(7))
+	if id := it.FieldByName("ID").Int(); id != 7 {
+		t.Errorf("Input.item(7) has id %d; want 7, the id in the URL", id)
+	}
 	for i := range fields.NumField() {
 		name := fields.Type().Field(i).Name
-		switch got := it.FieldByName(name); {
+		got, want := it.FieldByName(name), fields.Field(i).FieldByName("Value").Elem()
+		switch {
+		case name == "ID":
 		case !got.IsValid():
 			t.Errorf("Input.%s has no field of that name in Item", name)
-		case got.IsZero():
-			t.Errorf("Input.item leaves Item.%s empty; copy Input.%s into it", name, name)
+		case got.Kind() == reflect.Pointer && got.IsNil():
+			t.Errorf("Input.item leaves Item.%s null; copy Input.%s into it", name, name)
+		case !reflect.DeepEqual(reflect.Indirect(got).Interface(), want.Interface()):
+			t.Errorf("Input.item sets Item.%s to %v; want Input.%s's %v", name, reflect.Indirect(got), name, want)
 		}
 	}
+}
+
+// TestStoreWritesEveryField: Create, Replace and Patch store every field of
+// Item, so that a column left out of the INSERT or an UPDATE, or its value
+// out of their arguments, is caught here.
+func TestStoreWritesEveryField(t *testing.T) {
+	cfg := testConfig(t)
+	store := newTestStore(t, cfg, newLogBuffer(t).logger())
+	ctx := t.Context()
+	check := func(what string, got Item, err error, want Item) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		want.ID, want.Version = got.ID, got.Version
+		js := func(it Item) string { b, _ := json.Marshal(it); return string(b) }
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s stored %s; want %s", what, js(got), js(want))
+		}
+		if again, err := store.Get(ctx, got.ID); err != nil || !reflect.DeepEqual(again, got) {
+			t.Errorf("Get after %s: %s, %v; want %s", what, js(again), err, js(got))
+		}
+	}
+	created, err := store.Create(ctx, sampleItem(t, 1))
+	check("Create", created, err, sampleItem(t, 1))
+
+	replacement := sampleItem(t, 2)
+	replacement.ID = created.ID
+	replaced, err := store.Replace(ctx, replacement)
+	check("Replace", replaced, err, replacement)
+
+	// A patch that gives every field, as pointers to a third sample's.
+	want := sampleItem(t, 3)
+	var in Input
+	from, fields := reflect.ValueOf(&want).Elem(), reflect.ValueOf(&in).Elem()
+	for i := range fields.NumField() {
+		name := fields.Type().Field(i).Name
+		if name == "ID" {
+			continue
+		}
+		value := from.FieldByName(name)
+		if value.Kind() != reflect.Pointer {
+			value = value.Addr()
+		}
+		fields.Field(i).FieldByName("Set").SetBool(true)
+		fields.Field(i).FieldByName("Value").Set(value)
+	}
+	patched, err := store.Patch(ctx, created.ID, in)
+	check("Patch", patched, err, want)
 }
