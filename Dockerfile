@@ -3,7 +3,8 @@ FROM golang:1.26-bookworm AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
-COPY *.go schema.sql ./
+COPY *.go ./
+COPY migrations ./migrations
 RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/items .
 
 # Run stage: distroless static, no shell, no libc, non-root (uid 65532).

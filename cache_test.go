@@ -601,7 +601,9 @@ func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			for _, f := range append(files, "go.mod", "go.sum", "schema.sql") {
+			sqlFiles, _ := filepath.Glob("migrations/*.sql")
+			os.Mkdir(filepath.Join(dir, "migrations"), 0o755)
+			for _, f := range append(append(files, sqlFiles...), "go.mod", "go.sum") {
 				b, err := os.ReadFile(f)
 				if err != nil {
 					t.Fatal(err)

@@ -18,7 +18,7 @@ import (
 type Config struct {
 	Port int // PORT: TCP port the HTTP server listens on; 0 picks a free one.
 
-	DBHost           string        // DB_HOST
+	DBHost           string        // DB_HOST: a host, or several (host1,host2:5433): the first that accepts writes is used.
 	DBPort           int           // DB_PORT
 	DBName           string        // DB_NAME
 	DBUser           string        // DB_USER
@@ -28,6 +28,8 @@ type Config struct {
 	DBMaxConns       int           // DB_MAX_CONNS: size of the connection pool.
 	DBConnectTimeout time.Duration // DB_CONNECT_TIMEOUT: how long startup waits for PostgreSQL.
 	DBQueryTimeout   time.Duration // DB_QUERY_TIMEOUT: bound on each query, including the wait for a pooled connection.
+	DBQueryExecMode  string        // DB_QUERY_EXEC_MODE: pgx's default_query_exec_mode; exec or simple_protocol behind PgBouncer in transaction mode.
+	MigrateOnStart   bool          // MIGRATE_ON_START: apply pending migrations at startup (true), or only check that none is pending (false).
 
 	RedisHost     string        // REDIS_HOST
 	RedisPort     int           // REDIS_PORT
@@ -61,6 +63,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		DBMaxConns:       p.intRange("DB_MAX_CONNS", 16, 1, 1000),
 		DBConnectTimeout: p.duration("DB_CONNECT_TIMEOUT", 30*time.Second),
 		DBQueryTimeout:   p.duration("DB_QUERY_TIMEOUT", 3*time.Second),
+		DBQueryExecMode:  p.oneOf("DB_QUERY_EXEC_MODE", "cache_statement", "cache_statement", "cache_describe", "describe_exec", "exec", "simple_protocol"),
+		MigrateOnStart:   p.boolean("MIGRATE_ON_START", true),
 
 		RedisHost:     p.str("REDIS_HOST", "localhost"),
 		RedisPort:     p.port("REDIS_PORT", 6379, false),
@@ -78,6 +82,12 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if v := getenv("LOG_LEVEL"); v != "" {
 		if err := c.LogLevel.UnmarshalText([]byte(v)); err != nil {
 			p.fail("LOG_LEVEL", v, "must be debug, info, warn or error")
+		}
+	}
+	for _, h := range strings.Split(c.DBHost, ",") {
+		if host, port := splitHostPort(h); host == "" || port != "" && !validPort(port) {
+			p.fail("DB_HOST", c.DBHost, "must be a host or a comma-separated list of hosts, each with an optional :port")
+			break
 		}
 	}
 	if c.DBSchema != "" && !validIdentifier(c.DBSchema) {
@@ -104,6 +114,8 @@ func (c Config) LogValue() slog.Value {
 		slog.Int("DB_MAX_CONNS", c.DBMaxConns),
 		slog.Duration("DB_CONNECT_TIMEOUT", c.DBConnectTimeout),
 		slog.Duration("DB_QUERY_TIMEOUT", c.DBQueryTimeout),
+		slog.String("DB_QUERY_EXEC_MODE", c.DBQueryExecMode),
+		slog.Bool("MIGRATE_ON_START", c.MigrateOnStart),
 		slog.String("REDIS_HOST", c.RedisHost),
 		slog.Int("REDIS_PORT", c.RedisPort),
 		slog.Bool("REDIS_PASSWORD_SET", c.RedisPassword != ""),
@@ -116,6 +128,35 @@ func (c Config) LogValue() slog.Value {
 		slog.String("LOG_LEVEL", c.LogLevel.String()),
 		slog.String("LOG_FORMAT", c.LogFormat),
 	)
+}
+
+// dbAddrs is DB_HOST's hosts as host:port, comma-separated, with DB_PORT
+// for those that give no port of their own.
+func (c Config) dbAddrs() string {
+	hosts := strings.Split(c.DBHost, ",")
+	for i, h := range hosts {
+		host, port := splitHostPort(h)
+		if port == "" {
+			port = strconv.Itoa(c.DBPort)
+		}
+		hosts[i] = net.JoinHostPort(host, port)
+	}
+	return strings.Join(hosts, ",")
+}
+
+// splitHostPort splits "host", "host:port", "[v6]" or "[v6]:port"; a bare
+// IPv6 address ("::1") is a host.
+func splitHostPort(s string) (host, port string) {
+	s = strings.TrimSpace(s)
+	if h, p, err := net.SplitHostPort(s); err == nil {
+		return h, p
+	}
+	return strings.Trim(s, "[]"), ""
+}
+
+func validPort(s string) bool {
+	n, err := strconv.Atoi(s)
+	return err == nil && n >= 1 && n <= 65535
 }
 
 // redisAddr is REDIS_HOST:REDIS_PORT, bracketing an IPv6 host.
@@ -181,6 +222,20 @@ func (p *envParser) duration(name string, def time.Duration) time.Duration {
 		return def
 	}
 	return d
+}
+
+// boolean accepts true or false (and 1, 0, yes, no, on, off).
+func (p *envParser) boolean(name string, def bool) bool {
+	switch v := strings.ToLower(strings.TrimSpace(p.getenv(name))); v {
+	case "":
+		return def
+	case "true", "1", "yes", "on":
+		return true
+	case "false", "0", "no", "off":
+		return false
+	}
+	p.fail(name, p.getenv(name), "must be true or false")
+	return def
 }
 
 func (p *envParser) oneOf(name, def string, allowed ...string) string {

@@ -2,10 +2,13 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"log/slog"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 func envMap(m map[string]string) func(string) string {
@@ -22,7 +25,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 		DBSSLMode: "prefer", DBMaxConns: 16, DBConnectTimeout: 30 * time.Second, DBQueryTimeout: 3 * time.Second,
 		RedisHost: "localhost", RedisPort: 6379, RedisTimeout: 200 * time.Millisecond, RedisRetry: time.Second,
 		CacheTTL: time.Minute, CacheKeyPrefix: "item:", ShutdownTimeout: 5 * time.Second,
-		LogLevel: slog.LevelInfo, LogFormat: "text",
+		LogLevel: slog.LevelInfo, LogFormat: "text", DBQueryExecMode: "cache_statement", MigrateOnStart: true,
 	}
 	if cfg != want {
 		t.Errorf("defaults:\ngot  %+v\nwant %+v", cfg, want)
@@ -54,6 +57,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"DB_MAX_CONNS", "0"}, {"REDIS_DB", "16"}, {"DB_SSLMODE", "maybe"},
 		{"DB_SCHEMA", "Robert'); DROP"}, {"DB_SCHEMA", "1abc"},
 		{"LOG_LEVEL", "loud"}, {"LOG_FORMAT", "xml"},
+		{"DB_HOST", "a,,b"}, {"DB_HOST", "db:x"}, {"DB_HOST", "db:0"}, {"DB_HOST", ","},
+		{"DB_QUERY_EXEC_MODE", "fast"}, {"MIGRATE_ON_START", "maybe"},
 	}
 	for _, tc := range tests {
 		_, err := loadConfig(envMap(map[string]string{tc.name: tc.value, "DB_PASSWORD": "hunter2"}))
@@ -72,6 +77,45 @@ func TestLoadConfigErrors(t *testing.T) {
 	_, err := loadConfig(envMap(map[string]string{"PORT": "x", "CACHE_TTL": "y"}))
 	if err == nil || !strings.Contains(err.Error(), "PORT") || !strings.Contains(err.Error(), "CACHE_TTL") {
 		t.Errorf("two bad variables: %v; want both named", err)
+	}
+}
+
+// TestDSN: what pgx is given, for one host and for several.
+func TestDSN(t *testing.T) {
+	for _, tc := range []struct{ env, want, wantNot string }{
+		{"DB_HOST=db", "@db:5432/appdb?", "target_session_attrs"},
+		{"DB_HOST=db1,db2:5433", "@db1:5432,db2:5433/appdb?", ""},
+		{"DB_HOST=db1,db2", "target_session_attrs=read-write", ""},
+		{"DB_HOST=::1", "@[::1]:5432/", ""},
+		{"DB_HOST=[::1]:6432,db", "@[::1]:6432,db:5432/", ""},
+		{"DB_QUERY_EXEC_MODE=exec", "default_query_exec_mode=exec", ""},
+		{"", "default_query_exec_mode=cache_statement", ""},
+	} {
+		env := map[string]string{}
+		if k, v, ok := strings.Cut(tc.env, "="); ok {
+			env[k] = v
+		}
+		cfg, err := loadConfig(envMap(env))
+		if err != nil {
+			t.Fatalf("%s: %v", tc.env, err)
+		}
+		if dsn := cfg.dsn(); !strings.Contains(dsn, tc.want) || tc.wantNot != "" && strings.Contains(dsn, tc.wantNot) {
+			t.Errorf("%s: DSN %s; want it to contain %q and not %q", tc.env, dsn, tc.want, tc.wantNot)
+		}
+		if _, err := pgx.ParseConfig(cfg.dsn()); err != nil {
+			t.Errorf("%s: pgx cannot parse the DSN: %v", tc.env, err)
+		}
+	}
+	cfg, _ := loadConfig(envMap(map[string]string{"DB_HOST": "db1,db2:5433"}))
+	conf, _ := pgx.ParseConfig(cfg.dsn())
+	hosts := []string{fmt.Sprintf("%s:%d", conf.Host, conf.Port)}
+	for _, f := range conf.Fallbacks { // sslmode=prefer: each host with TLS, then without
+		if h := fmt.Sprintf("%s:%d", f.Host, f.Port); h != hosts[len(hosts)-1] {
+			hosts = append(hosts, h)
+		}
+	}
+	if strings.Join(hosts, ",") != "db1:5432,db2:5433" {
+		t.Errorf("pgx's hosts: %v; want db1:5432 then db2:5433", hosts)
 	}
 }
 

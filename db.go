@@ -4,7 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
-	_ "embed"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,22 +12,23 @@ import (
 	"net"
 	"net/url"
 	"reflect"
-	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	_ "github.com/jackc/pgx/v5/stdlib" // registers the "pgx" database/sql driver
+	"github.com/jackc/pgx/v5/stdlib"
 )
 
 // Item is one row of the items table and the JSON of every item the API
 // sends: {"id":1,"name":"...","description":"..." or null}. Each field's db
 // tag names its column; itemColumns and scanItem follow those tags, so a
-// field is declared here once. Version counts the row's writes (schema.sql)
-// and is not part of the API.
+// field is declared here once. Version counts the row's writes
+// (migrations/00001_items.sql) and is not part of the API.
 //
-// To add a field: its column in schema.sql; a field here with a db tag (ID
+// To add a field: its column in a new migration; a field here with a db tag (ID
 // stays first: the cache checks that a value is its item's by the opening
 // {"id":N,), in Input and in Input.item; its check in Input.check
 // (items.go); and the column in the INSERT and UPDATEs below, with its value
@@ -72,15 +72,6 @@ func (o *optional[T]) UnmarshalJSON(b []byte) error {
 	return json.Unmarshal(b, o.Value)
 }
 
-//go:embed schema.sql
-var schemaSQL string
-
-// schemaLockID is the key of the advisory lock held while schema.sql runs, so
-// that replicas starting together do not race on CREATE TABLE IF NOT EXISTS
-// (which is not safe under concurrency: it can fail with a unique violation
-// on pg_type). Any fixed number works; this one is "items" in ASCII.
-const schemaLockID = 0x6974656d73
-
 var (
 	// ErrNotFound means no row has the requested id.
 	ErrNotFound = errors.New("not found")
@@ -90,6 +81,13 @@ var (
 	// ErrNotSent marks a write that failed before its statement was sent:
 	// no pooled connection could be had. It comes with ErrUnavailable.
 	ErrNotSent = errors.New("no connection to send the statement on")
+	// ErrReadOnly means PostgreSQL accepts no writes now: a standby, or a
+	// primary being failed over. It comes with ErrUnavailable.
+	ErrReadOnly = errors.New("PostgreSQL is read-only")
+	// ErrConflict means the row breaks a constraint of the table.
+	ErrConflict = errors.New("conflicts with a constraint of the table")
+	// ErrRejected means a column cannot hold a value the API accepted.
+	ErrRejected = errors.New("the database cannot store a value")
 )
 
 // Store is the items table behind a bounded pool of PostgreSQL connections.
@@ -98,22 +96,32 @@ var (
 // those apply.
 type Store struct {
 	db       *sql.DB
+	fresh    *sql.DB // keeps no idle connection: each of its connections is new
 	timeout  time.Duration
 	maxConns int
 	lastDrop atomic.Int64 // when idle connections were last dropped, Unix ns
 	errors   atomic.Int64 // queries that failed, not counting "not found"
+	retries  atomic.Int64 // statements run again after a stale plan or a dead connection
 }
 
-// dsn builds the connection URL for pgx from the DB_* settings.
+// dsn builds the connection URL for pgx from the DB_* settings. With
+// several hosts, pgx tries them in order for each new connection and keeps
+// the first that accepts writes (target_session_attrs=read-write), so that
+// after a failover the pool finds the new primary by itself; with one, any
+// server will do, so that a read-only one still serves reads.
 func (c Config) dsn() string {
-	q := url.Values{"sslmode": {c.DBSSLMode}, "application_name": {"items-api"}}
+	q := url.Values{"sslmode": {c.DBSSLMode}, "application_name": {"items-api"},
+		"default_query_exec_mode": {c.DBQueryExecMode}}
 	if c.DBSchema != "" {
 		q.Set("search_path", c.DBSchema)
+	}
+	if strings.Contains(c.DBHost, ",") {
+		q.Set("target_session_attrs", "read-write")
 	}
 	u := url.URL{
 		Scheme:   "postgres",
 		User:     url.UserPassword(c.DBUser, c.DBPassword),
-		Host:     net.JoinHostPort(c.DBHost, strconv.Itoa(c.DBPort)),
+		Host:     c.dbAddrs(),
 		Path:     "/" + c.DBName,
 		RawQuery: q.Encode(),
 	}
@@ -122,28 +130,77 @@ func (c Config) dsn() string {
 
 // openStore opens the pool, waits for PostgreSQL with exponential backoff
 // (250 ms doubling to 5 s, logging each retry) for at most DB_CONNECT_TIMEOUT,
-// then applies the embedded schema.sql. It returns ctx.Err() if ctx ends
-// first, and an error naming the server if it never answers.
+// then brings the schema up to date (migrate.go) unless MIGRATE_ON_START is
+// false, in which case it checks that someone has. It returns ctx.Err() if
+// ctx ends first, and an error naming the server if it never answers.
 func openStore(ctx context.Context, cfg Config, log *slog.Logger) (*Store, error) {
-	db, err := sql.Open("pgx", cfg.dsn())
+	conf, err := pgx.ParseConfig(cfg.dsn())
 	if err != nil {
-		return nil, fmt.Errorf("open PostgreSQL: %w", err)
+		return nil, fmt.Errorf("PostgreSQL settings: %w", err)
 	}
+	db := stdlib.OpenDB(*conf, stdlib.OptionShouldPing(shouldPing))
 	db.SetMaxOpenConns(cfg.DBMaxConns)
 	db.SetMaxIdleConns(cfg.DBMaxConns)
 	db.SetConnMaxIdleTime(5 * time.Minute)
 	db.SetConnMaxLifetime(time.Hour)
-	s := &Store{db: db, timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns}
+	fresh := stdlib.OpenDB(*conf)
+	fresh.SetMaxOpenConns(max(1, cfg.DBMaxConns/4))
+	fresh.SetMaxIdleConns(-1)
+	s := &Store{db: db, fresh: fresh, timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns}
 
 	if err := s.waitReady(ctx, cfg, log); err != nil {
-		db.Close()
+		s.Close()
 		return nil, err
 	}
-	if err := s.applySchema(ctx, cfg.DBSchema); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("apply schema.sql: %w", err)
+	if cfg.MigrateOnStart {
+		err = migrate(ctx, db, cfg.DBSchema, log)
+	} else {
+		err = checkMigrated(ctx, db, cfg.DBSchema)
+	}
+	if err != nil {
+		s.Close()
+		return nil, classify(err)
 	}
 	return s, nil
+}
+
+// shouldPing decides whether database/sql's pool checks a connection with
+// a round trip before handing it out again: after a second idle (pgx's
+// default), and whenever the server has sent something unasked on it. A
+// backend that was terminated (pg_terminate_backend, idle_session_timeout,
+// a restart or failover) or a pooler that restarted leaves its FATAL
+// message or end of stream there; the ping then fails and the pool takes
+// another connection, before any statement is sent on a dead one. Without
+// this, each such connection fails one request.
+func shouldPing(_ context.Context, p stdlib.ShouldPingParams) bool {
+	return p.IdleDuration > time.Second || unread(p.Conn.PgConn().Conn())
+}
+
+// unread reports whether c, an idle connection, has bytes or an end of
+// stream waiting. It peeks without blocking (one recv(2) with MSG_PEEK) and
+// consumes nothing. Not a pgx API: pgconn's CheckConn waits 1 ms.
+func unread(c net.Conn) bool {
+	if tc, ok := c.(interface{ NetConn() net.Conn }); ok { // TLS
+		c = tc.NetConn()
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var b [1]byte
+	var n int
+	var rerr error
+	if err := raw.Read(func(fd uintptr) bool {
+		n, _, rerr = syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		return true
+	}); err != nil {
+		return true
+	}
+	return n > 0 || !errors.Is(rerr, syscall.EAGAIN)
 }
 
 func (s *Store) waitReady(ctx context.Context, cfg Config, log *slog.Logger) error {
@@ -159,12 +216,12 @@ func (s *Store) waitReady(ctx context.Context, cfg Config, log *slog.Logger) err
 		}
 		if !errors.Is(err, ErrUnavailable) {
 			// Wrong password, missing database: waiting will not help.
-			return fmt.Errorf("connect to PostgreSQL at %s:%d: %w", cfg.DBHost, cfg.DBPort, err)
+			return fmt.Errorf("connect to PostgreSQL at %s: %w", cfg.dbAddrs(), err)
 		}
 		left := time.Until(deadline)
 		if left <= 0 {
-			return fmt.Errorf("PostgreSQL at %s:%d did not answer within DB_CONNECT_TIMEOUT=%s: %w",
-				cfg.DBHost, cfg.DBPort, cfg.DBConnectTimeout, err)
+			return fmt.Errorf("PostgreSQL at %s did not answer within DB_CONNECT_TIMEOUT=%s: %w",
+				cfg.dbAddrs(), cfg.DBConnectTimeout, err)
 		}
 		wait := min(backoff, left)
 		log.Warn("waiting for PostgreSQL", "attempt", attempt, "retry_in", wait, "err", err)
@@ -177,39 +234,31 @@ func (s *Store) waitReady(ctx context.Context, cfg Config, log *slog.Logger) err
 	}
 }
 
-// applySchema runs schema.sql (and creates DB_SCHEMA first, if set) in one
-// transaction under an advisory lock.
-func (s *Store) applySchema(ctx context.Context, schema string) error {
-	ctx, cancel := context.WithTimeout(ctx, max(s.timeout, 30*time.Second))
-	defer cancel()
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return classify(err)
-	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, "SELECT pg_advisory_xact_lock($1)", schemaLockID); err != nil {
-		return classify(err)
-	}
-	if schema != "" {
-		// schema passed validIdentifier, so it needs no quoting.
-		if _, err := tx.ExecContext(ctx, "CREATE SCHEMA IF NOT EXISTS "+schema); err != nil {
-			return classify(err)
-		}
-	}
-	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
-		return classify(err)
-	}
-	return classify(tx.Commit())
-}
-
 // Close closes the pool, waiting for queries in progress.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error { return errors.Join(s.db.Close(), s.fresh.Close()) }
 
 // Ping checks that PostgreSQL answers within the query timeout.
 func (s *Store) Ping(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	return s.classify(s.db.PingContext(ctx))
+}
+
+// Writable checks that PostgreSQL answers and accepts writes: not a hot
+// standby, nor a primary with default_transaction_read_only on (a failover
+// in progress, or a server protecting a full disk). Errors: ErrReadOnly,
+// ErrUnavailable.
+func (s *Store) Writable(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var readOnly string
+	if err := s.db.QueryRowContext(ctx, "SHOW transaction_read_only").Scan(&readOnly); err != nil {
+		return s.classify(err)
+	}
+	if readOnly == "on" {
+		return fmt.Errorf("%w: %w", ErrUnavailable, ErrReadOnly)
+	}
+	return nil
 }
 
 // itemColumns is the column list of every query that returns items: Item's
@@ -240,7 +289,8 @@ func dbTags(t reflect.Type) []string {
 	return tags
 }
 
-// scanItem reads a row of itemColumns into an Item, field by field.
+// scanItem reads a row of itemColumns into an Item, field by field. Its
+// error is unclassified: run classifies.
 func (s *Store) scanItem(row interface{ Scan(...any) error }) (Item, error) {
 	var it Item
 	fields := reflect.ValueOf(&it).Elem()
@@ -248,50 +298,55 @@ func (s *Store) scanItem(row interface{ Scan(...any) error }) (Item, error) {
 	for i := range dests {
 		dests[i] = fields.Field(i).Addr().Interface()
 	}
-	return it, s.classify(row.Scan(dests...))
+	return it, row.Scan(dests...)
 }
 
 // Create inserts it (its ID and Version aside) and returns it as stored,
 // with its new id and version 1.
-func (s *Store) Create(ctx context.Context, it Item) (Item, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	return s.scanItem(s.db.QueryRowContext(ctx, insertItem, it.Name, it.Description))
+func (s *Store) Create(ctx context.Context, it Item) (stored Item, err error) {
+	err = s.run(ctx, atMostOnce, func(ctx context.Context, c *sql.Conn) error {
+		stored, err = s.scanItem(c.QueryRowContext(ctx, insertItem, it.Name, it.Description))
+		return err
+	})
+	return stored, err
 }
 
 // Get returns the item with the given id, or ErrNotFound.
-func (s *Store) Get(ctx context.Context, id int64) (Item, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	return s.scanItem(s.db.QueryRowContext(ctx, selectItem, id))
+func (s *Store) Get(ctx context.Context, id int64) (it Item, err error) {
+	err = s.run(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
+		it, err = s.scanItem(c.QueryRowContext(ctx, selectItem, id))
+		return err
+	})
+	return it, err
 }
 
 // List returns at most limit items with ids greater than after, in id
 // order: keyset pagination, so a page costs one index range scan however
 // deep it is, and rows created or deleted meanwhile never shift a page.
-func (s *Store) List(ctx context.Context, after int64, limit int) ([]Item, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	rows, err := s.db.QueryContext(ctx, selectItems, after, limit)
-	if err != nil {
-		return nil, s.classify(err)
-	}
-	defer rows.Close()
-	list := make([]Item, 0, limit)
-	for rows.Next() {
-		it, err := s.scanItem(rows)
+func (s *Store) List(ctx context.Context, after int64, limit int) (list []Item, err error) {
+	err = s.run(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
+		rows, err := c.QueryContext(ctx, selectItems, after, limit)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		list = append(list, it)
-	}
-	return list, s.classify(rows.Err())
+		defer rows.Close()
+		list = make([]Item, 0, limit)
+		for rows.Next() {
+			it, err := s.scanItem(rows)
+			if err != nil {
+				return err
+			}
+			list = append(list, it)
+		}
+		return rows.Err()
+	})
+	return list, err
 }
 
 // Replace sets every field of item it.ID to it's (a nil description stores
 // NULL), adds one to its version and returns it as stored, or ErrNotFound.
 func (s *Store) Replace(ctx context.Context, it Item) (stored Item, err error) {
-	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
+	err = s.run(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
 		stored, err = s.scanItem(c.QueryRowContext(ctx, replaceItem, it.ID, it.Name, it.Description))
 		return err
 	})
@@ -303,7 +358,7 @@ func (s *Store) Replace(ctx context.Context, it Item) (stored Item, err error) {
 // one statement, so concurrent patches of different fields never undo each
 // other.
 func (s *Store) Patch(ctx context.Context, id int64, in Input) (stored Item, err error) {
-	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
+	err = s.run(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
 		stored, err = s.scanItem(c.QueryRowContext(ctx, patchItem,
 			id, in.Name.Set, in.Name.Value, in.Description.Set, in.Description.Value))
 		return err
@@ -315,27 +370,67 @@ func (s *Store) Patch(ctx context.Context, id int64, in Input) (stored Item, err
 // Only the version comes back: the delete has committed by then, so it
 // must not fail on a row it cannot read (a table made by hand may hold one).
 func (s *Store) Delete(ctx context.Context, id int64) (version int64, err error) {
-	err = s.write(ctx, func(ctx context.Context, c *sql.Conn) error {
-		return s.classify(c.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version))
+	err = s.run(ctx, atMostOnce, func(ctx context.Context, c *sql.Conn) error {
+		return c.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version)
 	})
 	return version, err
 }
 
-// write runs a statement that changes an item (its errors classified by
-// the statement) on a connection taken from the pool first, within the
-// query timeout. If no connection could be had (the pool stayed full, the
-// client gave up while waiting, or PostgreSQL could not be reached), the
-// error wraps ErrNotSent: nothing was written, and the cache may keep its
-// value.
-func (s *Store) write(ctx context.Context, statement func(context.Context, *sql.Conn) error) error {
+// How a statement may be retried after its connection failed under it.
+const (
+	// idempotent statements may run twice: reads, and the UPDATEs of PUT
+	// and PATCH, which set given values (a second run leaves the same row,
+	// one version higher).
+	idempotent = iota
+	// atMostOnce statements are retried only if PostgreSQL certainly never
+	// ran them: an INSERT run twice makes two items, and a DELETE run
+	// twice answers "not found" for the item it deleted.
+	atMostOnce
+)
+
+// run runs statement on a pooled connection within the query timeout,
+// taking the connection first so that a write that never got one is known
+// not to have happened (ErrNotSent). The client sees no error for:
+//   - a prepared statement that DDL made stale ("cached plan must not
+//     change result type"): pgx has dropped it from this connection's cache
+//     on the error, so it runs once more there, prepared anew;
+//   - a server that refused the write as read-only (25006: a standby, or a
+//     primary being failed over): the connection is dropped and the write
+//     runs once more on a new connection, which with several DB_HOSTs
+//     goes to the one that now accepts writes;
+//   - a connection that died under the statement (a terminated backend, a
+//     restarted pooler, a connection pgx closed when another request's
+//     context ended), if the statement is idempotent or certainly was not
+//     sent: it runs once more on a new connection (from s.fresh), made
+//     after the failure. Not another pooled one: when a server, pooler or
+//     operator ends many backends at once, the others may be dying too,
+//     their FATAL message still on its way.
+//
+// Its errors are classified (classify).
+func (s *Store) run(ctx context.Context, retry int, statement func(context.Context, *sql.Conn) error) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	c, err := s.db.Conn(ctx)
 	if err != nil {
 		return s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
 	}
-	defer c.Close()
-	return statement(ctx, c)
+	err = statement(ctx, c)
+	switch {
+	case err == nil || ctx.Err() != nil:
+	case stalePlan(err):
+		s.retries.Add(1)
+		err = statement(ctx, c)
+	case deadConn(err) && (retry == idempotent || unsent(err)) || readOnly(err):
+		s.retries.Add(1)
+		c.Raw(func(any) error { return driver.ErrBadConn }) // the pool drops it
+		c.Close()
+		if c, err = s.fresh.Conn(ctx); err != nil {
+			return s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
+		}
+		err = statement(ctx, c)
+	}
+	c.Close()
+	return s.classify(err)
 }
 
 // classify is classify, and after a query that timed out it also drops the
@@ -360,33 +455,55 @@ func (s *Store) classify(err error) error {
 	return err
 }
 
-// classify maps sql.ErrNoRows to ErrNotFound and every sign that PostgreSQL
-// is unreachable, overloaded, shutting down or too slow to ErrUnavailable
-// (keeping the cause in the chain); other errors are returned as they are.
+// classify sorts an error of database/sql or pgx by what the client can do
+// about it (the SQLSTATE codes are PostgreSQL's Appendix A "Error Codes"):
+//   - sql.ErrNoRows becomes ErrNotFound (404);
+//   - conditions that pass by themselves become ErrUnavailable (503 with
+//     Retry-After): no connection (refused, reset, timed out, the server
+//     starting or shutting down: classes 08, 57), too many connections or
+//     no memory or disk (53), an I/O error (58), a serialization failure or
+//     deadlock (40), a lock or statement timeout (55P03, 57014), a read-only
+//     transaction (25006: a standby, or a primary being failed over), a
+//     transaction or idle timeout (25P03, 25P04), a snapshot too old (72);
+//   - a row that breaks a constraint of the table (23) becomes ErrConflict
+//     (409), and a value the column cannot hold (22: a column narrowed by
+//     a migration) ErrRejected (422);
+//
+// anything else (a bug: a syntax error, a missing column, an internal
+// error) is returned as it is: a 500. The cause stays in the chain.
 func classify(err error) error {
+	var pgErr *pgconn.PgError
 	switch {
 	case err == nil:
 		return nil
 	case errors.Is(err, sql.ErrNoRows):
 		return ErrNotFound
+	case errors.As(err, &pgErr):
+		switch class := pgErr.Code[:min(2, len(pgErr.Code))]; {
+		case pgErr.Code == "25006":
+			return fmt.Errorf("%w: %w: %w", ErrUnavailable, ErrReadOnly, err)
+		case temporary[pgErr.Code] || temporary[class]:
+			return fmt.Errorf("%w: %w", ErrUnavailable, err)
+		case class == "23":
+			return fmt.Errorf("%w: %w", ErrConflict, err)
+		case class == "22":
+			return fmt.Errorf("%w: %w", ErrRejected, err)
+		}
+		return err
 	case unavailable(err):
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 	return err
 }
 
+// temporary lists the SQLSTATE classes (two characters) and codes that
+// classify makes ErrUnavailable.
+var temporary = map[string]bool{
+	"08": true, "40": true, "53": true, "57": true, "58": true, "72": true,
+	"25P03": true, "25P04": true, "55P03": true, "55006": true,
+}
+
 func unavailable(err error) bool {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		// SQLSTATE classes 08 connection exception, 53 insufficient resources,
-		// 57 operator intervention (admin shutdown, statement timeout, cannot
-		// connect now): PostgreSQL Appendix A "Error Codes".
-		switch pgErr.Code[:min(2, len(pgErr.Code))] {
-		case "08", "53", "57":
-			return true
-		}
-		return false
-	}
 	var netErr net.Error
 	var connectErr *pgconn.ConnectError
 	return errors.Is(err, context.DeadlineExceeded) ||
@@ -400,4 +517,71 @@ func unavailable(err error) bool {
 		errors.As(err, &connectErr) ||
 		pgconn.Timeout(err) ||
 		pgconn.SafeToRetry(err)
+}
+
+// stalePlan reports whether err is PostgreSQL refusing a prepared
+// statement whose result type DDL changed (ALTER COLUMN ... TYPE): SQLSTATE
+// 0A000 "cached plan must not change result type". The statement did not
+// run.
+func stalePlan(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "0A000" && strings.Contains(pgErr.Message, "cached plan")
+}
+
+// readOnly reports whether err is PostgreSQL refusing a write in a
+// read-only transaction (25006). The statement did not run.
+func readOnly(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "25006"
+}
+
+// deadConn reports whether err means the connection is gone: closed by
+// the server (a FATAL error such as 57P01 admin_shutdown, or end of
+// stream), reset, or closed by pgx. A timeout is not: the server may be
+// hung, and another try would wait as long again.
+func deadConn(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return pgErr.Severity == "FATAL" || pgErr.Severity == "PANIC" || strings.HasPrefix(pgErr.Code, "08")
+	}
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || pgconn.Timeout(err) {
+		return false
+	}
+	return unavailable(err)
+}
+
+// unsent reports whether err certainly came before PostgreSQL received
+// the statement: database/sql or pgx found the connection closed first
+// (driver.ErrBadConn, pgx's "safe to retry"), or none could be had.
+func unsent(err error) bool {
+	return errors.Is(err, driver.ErrBadConn) || errors.Is(err, ErrNotSent) ||
+		errors.As(err, new(*pgconn.ConnectError)) || pgconn.SafeToRetry(err)
+}
+
+// pgMessage is PostgreSQL's message in err (which names the constraint or
+// the column type, never a row's values: those are in its Detail).
+func pgMessage(err error) string {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return pgErr.Message
+	}
+	return err.Error()
+}
+
+// Unchanged reports whether a write that returned err certainly left the
+// table as it was: it found no row, was never sent, or PostgreSQL answered
+// it with an ERROR, which rolls back the statement's transaction. A FATAL
+// error, a broken connection or a timeout leaves the outcome unknown: the
+// statement may have committed before the answer was lost.
+func Unchanged(err error) bool {
+	var pgErr *pgconn.PgError
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, ErrNotFound) || unsent(err):
+		return true
+	case errors.As(err, &pgErr):
+		return pgErr.Severity == "ERROR" && pgErr.Code != "40003" // statement_completion_unknown
+	}
+	return false
 }

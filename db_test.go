@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"database/sql"
+	"database/sql/driver"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -147,25 +149,24 @@ func TestAbandonedReadIsLogged499(t *testing.T) {
 }
 
 // TestHandMadeTable: a table created by hand with the original design's
-// `id SERIAL PRIMARY KEY` (an int4 id) is kept and works, including ids
+// `id SERIAL PRIMARY KEY` (an int4 id) before the service ever ran is
+// adopted by the first migration, rows kept, and works, including ids
 // beyond int4's range.
 func TestHandMadeTable(t *testing.T) {
 	cfg := testConfig(t)
 	log := newLogBuffer(t).logger()
-	first := newTestStore(t, cfg, log)
-	if _, err := first.db.ExecContext(t.Context(), "DROP TABLE items; CREATE TABLE items (id SERIAL PRIMARY KEY, name TEXT NOT NULL, description TEXT)"); err != nil {
-		t.Fatal(err)
-	}
-	store, err := openStore(t.Context(), cfg, log) // applies schema.sql over it
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
+	rawSQL(t, cfg, "CREATE SCHEMA "+cfg.DBSchema,
+		"CREATE TABLE "+cfg.DBSchema+".items (id SERIAL PRIMARY KEY, name TEXT NOT NULL, description TEXT)",
+		"INSERT INTO "+cfg.DBSchema+".items (name) VALUES ('made by hand')")
+	store := newTestStore(t, cfg, log)
 	var idType string
 	if err := store.db.QueryRowContext(t.Context(),
 		"SELECT data_type FROM information_schema.columns WHERE table_schema = $1 AND table_name = 'items' AND column_name = 'id'",
 		cfg.DBSchema).Scan(&idType); err != nil || idType != "integer" {
 		t.Fatalf("id column type: got %q, %v; want the hand-made integer kept", idType, err)
+	}
+	if it, err := store.Get(t.Context(), 1); err != nil || it.Name != "made by hand" || it.Version != 1 {
+		t.Errorf("the hand-made row: got %+v, %v; want it kept, at version 1", it, err)
 	}
 	base := testServer(t, log, store, newTestCache(t, cfg, log))
 	it := createItem(t, base, `{"name":"serial"}`)
@@ -189,24 +190,51 @@ func TestSchemaIsolation(t *testing.T) {
 }
 
 func TestClassify(t *testing.T) {
+	fatal := func(code string) error { return &pgconn.PgError{Severity: "FATAL", Code: code} }
+	plain := func(code string) error { return &pgconn.PgError{Severity: "ERROR", Code: code} }
 	tests := []struct {
-		err             error
-		wantUnavailable bool
+		err       error
+		want      error // nil: none of the sentinels (a 500)
+		unchanged bool  // a write that failed so left the table as it was
 	}{
-		{context.DeadlineExceeded, true},
-		{&net.OpError{Op: "dial", Err: errors.New("connection refused")}, true},
-		{&pgconn.PgError{Code: "57P01"}, true},  // admin_shutdown
-		{&pgconn.PgError{Code: "57014"}, true},  // query_canceled
-		{&pgconn.PgError{Code: "53300"}, true},  // too_many_connections
-		{&pgconn.PgError{Code: "08006"}, true},  // connection_failure
-		{&pgconn.PgError{Code: "42P01"}, false}, // undefined_table: a bug, not an outage
-		{&pgconn.PgError{Code: "28P01"}, false}, // invalid_password: configuration
-		{errors.New("sql: Scan error"), false},
+		{context.DeadlineExceeded, ErrUnavailable, false},
+		{&net.OpError{Op: "dial", Err: errors.New("connection refused")}, ErrUnavailable, false},
+		{fmt.Errorf("%w: %w", ErrNotSent, context.DeadlineExceeded), ErrUnavailable, true},
+		{driver.ErrBadConn, ErrUnavailable, true},
+		{fatal("57P01"), ErrUnavailable, false}, // admin_shutdown: may come after the commit
+		{fatal("57P05"), ErrUnavailable, false}, // idle_session_timeout
+		{plain("57014"), ErrUnavailable, true},  // query_canceled: statement_timeout
+		{fatal("53300"), ErrUnavailable, false}, // too_many_connections
+		{plain("08006"), ErrUnavailable, true},  // connection_failure
+		{plain("25006"), ErrReadOnly, true},     // read_only_sql_transaction
+		{plain("40001"), ErrUnavailable, true},  // serialization_failure
+		{plain("40P01"), ErrUnavailable, true},  // deadlock_detected
+		{plain("40003"), ErrUnavailable, false}, // statement_completion_unknown
+		{plain("55P03"), ErrUnavailable, true},  // lock_not_available: lock_timeout
+		{plain("58030"), ErrUnavailable, true},  // io_error
+		{plain("25P03"), ErrUnavailable, true},  // idle_in_transaction_session_timeout
+		{plain("23505"), ErrConflict, true},     // unique_violation
+		{plain("23514"), ErrConflict, true},     // check_violation
+		{plain("22001"), ErrRejected, true},     // string_data_right_truncation
+		{plain("42P01"), nil, true},             // undefined_table: a bug, not an outage
+		{plain("0A000"), nil, true},             // feature_not_supported
+		{fatal("28P01"), nil, false},            // invalid_password: configuration
+		{errors.New("sql: Scan error"), nil, false},
+		{sql.ErrNoRows, ErrNotFound, true},
 	}
 	for _, tc := range tests {
-		if got := errors.Is(classify(tc.err), ErrUnavailable); got != tc.wantUnavailable {
-			t.Errorf("classify(%v) is ErrUnavailable: got %v; want %v", tc.err, got, tc.wantUnavailable)
+		got := classify(tc.err)
+		for _, sentinel := range []error{ErrUnavailable, ErrReadOnly, ErrConflict, ErrRejected, ErrNotFound} {
+			if want := tc.want == sentinel || tc.want == ErrReadOnly && sentinel == ErrUnavailable; errors.Is(got, sentinel) != want {
+				t.Errorf("classify(%v) = %v: is %v %v; want %v", tc.err, got, sentinel, !want, want)
+			}
 		}
+		if Unchanged(got) != tc.unchanged {
+			t.Errorf("Unchanged(%v): got %v; want %v", tc.err, !tc.unchanged, tc.unchanged)
+		}
+	}
+	if !stalePlan(&pgconn.PgError{Code: "0A000", Message: "cached plan must not change result type"}) {
+		t.Error("a stale plan is not recognised")
 	}
 }
 

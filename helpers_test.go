@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"database/sql"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -677,4 +678,20 @@ func lockItems(t *testing.T, cfg Config) (unlock func()) {
 	}
 	t.Cleanup(unlock)
 	return unlock
+}
+
+// rawSQL runs statements on cfg's database outside any Store: no
+// migration runs first.
+func rawSQL(t *testing.T, cfg Config, statements ...string) {
+	t.Helper()
+	db, err := sql.Open("pgx", cfg.dsn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	for _, s := range statements {
+		if _, err := db.ExecContext(t.Context(), s); err != nil {
+			t.Fatalf("%s: %v", s, err)
+		}
+	}
 }

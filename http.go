@@ -56,14 +56,16 @@ func handleHealth() http.Handler {
 
 type readiness struct {
 	Status   string `json:"status"`          // "ok" or "unavailable"
-	Postgres string `json:"postgres"`        // "up" or "down"
+	Postgres string `json:"postgres"`        // "up", "read-only" or "down"
 	Redis    string `json:"redis"`           // "up" or "down"
 	Error    string `json:"error,omitempty"` // why not ready, as in every error body
 }
 
-// handleReady is readiness: 200 when PostgreSQL answers, whatever Redis
-// does (the service works without it, and "redis" says how it is); 503
-// when PostgreSQL does not.
+// handleReady is readiness: 200 when PostgreSQL answers and accepts
+// writes, whatever Redis does (the service works without it, and "redis"
+// says how it is); 503 when PostgreSQL does not answer, or is read-only (a
+// standby, or a primary during a failover), so that a load balancer sends
+// writes to replicas that can make them.
 func handleReady(items *Items) http.Handler {
 	upDown := func(err error) string {
 		if err != nil {
@@ -84,6 +86,10 @@ func handleReady(items *Items) http.Handler {
 			w.Header().Set("Retry-After", "1")
 			res.Status, status = "unavailable", http.StatusServiceUnavailable
 			res.Error = "PostgreSQL is not answering; the service cannot serve requests that need it"
+			if errors.Is(pgErr, ErrReadOnly) {
+				res.Postgres = "read-only"
+				res.Error = "PostgreSQL answers but accepts no writes (a standby, or a failover in progress)"
+			}
 		}
 		encode(w, r, status, res)
 	})
@@ -561,10 +567,25 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		// The client went away (or gave up): nothing is wrong with the
 		// database, and nobody reads this answer. 499 as in nginx's logs.
 		status, res.Error = statusClientClosedRequest, "client closed the request"
+	case errors.Is(err, ErrReadOnly):
+		noteError(w, err)
+		w.Header().Set("Retry-After", "1")
+		status, res.Error = http.StatusServiceUnavailable, "the database accepts no writes now (a failover may be in progress); try again shortly"
+	case errors.Is(err, ErrUnavailable) && r.Method != http.MethodGet && !Unchanged(err):
+		noteError(w, err)
+		w.Header().Set("Retry-After", "1")
+		status, res.Error = http.StatusServiceUnavailable, "the connection to the database was lost during the write, "+
+			"so whether it was applied is unknown; read the item (or the list) before trying again"
 	case errors.Is(err, ErrUnavailable):
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")
 		status, res.Error = http.StatusServiceUnavailable, "the database is unavailable; try again shortly"
+	case errors.Is(err, ErrConflict):
+		noteError(w, err)
+		status, res.Error = http.StatusConflict, "the item conflicts with a rule of the database: "+pgMessage(err)
+	case errors.Is(err, ErrRejected):
+		noteError(w, err)
+		status, res.Error = http.StatusUnprocessableEntity, "the database cannot store this item: "+pgMessage(err)
 	default:
 		noteError(w, err)
 	}

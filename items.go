@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"expvar"
 	"fmt"
 	"hash/crc32"
@@ -15,7 +14,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -151,18 +149,11 @@ func (s *Items) Delete(ctx context.Context, id int64) error {
 // began before the write (see flightKey). It runs even if the client has
 // gone: the write has happened.
 func (s *Items) written(ctx context.Context, id, floor int64, err error) {
-	var pgErr *pgconn.PgError
 	switch {
-	case errors.Is(err, ErrNotFound):
-		return // nothing was written
-	case errors.As(err, &pgErr) || errors.Is(err, ErrNotSent) || errors.As(err, new(*pgconn.ConnectError)) || pgconn.SafeToRetry(err):
-		// PostgreSQL refused the statement, or it was never sent (no
-		// pooled connection came in time or before the client gave up, or
-		// an error pgx marks as safe to retry because nothing had been
-		// sent): nothing committed, and the cached value is still the
-		// item's.
-		return
-	case err != nil:
+	case err == nil:
+	case Unchanged(err):
+		return // the cached value is still the item's
+	default:
 		floor = unknownVersion // it may have committed
 	}
 	s.cache.Invalidate(context.WithoutCancel(ctx), id, floor)
@@ -179,9 +170,11 @@ func (s *Items) flightKey(id, seen int64) string {
 	return strconv.FormatInt(id, 10) + "@" + strconv.FormatInt(seen, 10) + "." + strconv.FormatUint(writes, 10)
 }
 
-// Ready reports whether PostgreSQL and Redis answer, for readiness.
+// Ready reports whether PostgreSQL answers and accepts writes, and whether
+// Redis answers, for readiness. postgres wraps ErrReadOnly if PostgreSQL
+// answers but accepts no writes.
 func (s *Items) Ready(ctx context.Context) (postgres, redis error) {
-	if postgres = s.store.Ping(ctx); postgres != nil && ctx.Err() != nil {
+	if postgres = s.store.Writable(ctx); postgres != nil && ctx.Err() != nil {
 		return postgres, nil // the client is gone
 	}
 	return postgres, s.cache.Ping(ctx)
@@ -190,7 +183,8 @@ func (s *Items) Ready(ctx context.Context) (postgres, redis error) {
 // Vars are the counters of GET /debug/vars: cache_hits, cache_misses and
 // cache_bypasses (single-item reads by what the cache did), redis_errors
 // (commands that failed or were refused), postgres_errors (queries that
-// failed, "not found" aside), postgres_item_reads (queries for single-item
+// failed, "not found" aside), postgres_retries (statements run again after
+// a stale plan or a dead connection: see Store.run), postgres_item_reads (queries for single-item
 // reads after a miss or a bypass: fewer than those when concurrent ones
 // share a query) and waiting_for_item_reads (requests waiting on such a
 // query now). They are kept per Items rather than published globally, so
@@ -200,6 +194,7 @@ func (s *Items) Vars() *expvar.Map {
 	for name, n := range map[string]*atomic.Int64{
 		"cache_hits": s.outcomes[Hit], "cache_misses": s.outcomes[Miss], "cache_bypasses": s.outcomes[Bypass],
 		"redis_errors": &s.cache.outages.errors, "postgres_errors": &s.store.errors,
+		"postgres_retries": &s.store.retries,
 		"postgres_item_reads": &s.reads, "waiting_for_item_reads": &s.waiting,
 	} {
 		m.Set(name, expvar.Func(func() any { return n.Load() }))

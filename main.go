@@ -4,7 +4,8 @@
 // The files, each using only those after it: main.go (the process),
 // http.go (routes, handlers, JSON, errors, the request log), items.go
 // (cache-aside reads, invalidation after writes, validation), cache.go and
-// cache_outages.go (Redis), db.go (PostgreSQL), config.go (the environment).
+// cache_outages.go (Redis), db.go (PostgreSQL), migrate.go (the schema's
+// migrations, in migrations/), config.go (the environment).
 package main
 
 import (
@@ -34,23 +35,39 @@ func main() {
 }
 
 // run is the whole program: `items` serves until ctx ends, then shuts down
-// gracefully and returns nil; `items healthcheck` asks /health on this
-// machine and returns an error unless it answers 200 (the container image
-// has no shell or curl for a health check). Logs go to stdout.
+// gracefully and returns nil; `items migrate` applies the pending schema
+// migrations and exits (a deployment's one-off job before it starts new
+// replicas); `items healthcheck` asks /health on this machine and returns
+// an error unless it answers 200 (the container image has no shell or
+// curl for a health check). Logs go to stdout.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
 	cfg, err := loadConfig(getenv)
 	if err != nil {
 		return err
 	}
+	command := ""
 	if len(args) > 1 {
-		if args[1] == "healthcheck" {
-			return healthcheck(ctx, cfg.Port)
-		}
-		return fmt.Errorf("unknown command %q; run with no arguments to serve, or with healthcheck", args[1])
+		command = args[1]
+	}
+	switch command {
+	case "", "migrate":
+	case "healthcheck":
+		return healthcheck(ctx, cfg.Port)
+	default:
+		return fmt.Errorf("unknown command %q; run with no arguments to serve, or with migrate or healthcheck", command)
 	}
 	out := newLogWriter(stdout, logFlushInterval)
 	defer out.Close()
 	log := newLogger(cfg, out)
+	if command == "migrate" {
+		log.Info("migrating", "config", cfg)
+		cfg.MigrateOnStart = true
+		store, err := openStore(ctx, cfg, log)
+		if err != nil {
+			return err
+		}
+		return store.Close()
+	}
 	log.Info("starting", "config", cfg)
 	if cfg.ShutdownTimeout <= cfg.DBQueryTimeout {
 		log.Warn("SHUTDOWN_TIMEOUT is not above DB_QUERY_TIMEOUT: requests still waiting on PostgreSQL at shutdown may be cut off",

@@ -1,0 +1,510 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// PostgreSQL as a deployment meets it every month: online DDL, backends
+// terminated under the service, clients hanging up mid-request, a primary
+// turned read-only, a failover to a standby, a pooler in transaction mode.
+// Each test runs the service under a concurrent load and counts what the
+// clients see (see load).
+
+// pgServer is a private PostgreSQL cluster made by initdb on a free port, for
+// a test that stops, reconfigures or fails it over: the shared server is
+// never touched. Role appuser and database appdb exist as in compose.yaml.
+type pgServer struct {
+	t    *testing.T
+	dir  string
+	port int
+	bin  string
+}
+
+// pgBin finds PostgreSQL's server programs (initdb, pg_ctl), which Debian
+// keeps out of PATH; CI has them (.ci/run installs postgresql).
+func pgBin(t *testing.T, name string) string {
+	t.Helper()
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	slices.Reverse(dirs) // the newest first
+	for _, d := range dirs {
+		if p := filepath.Join(d, name); fileExists(p) {
+			return p
+		}
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p
+	}
+	needTool(t, name, "postgresql")
+	return ""
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// needTool fails the test in CI, which installs every tool (.ci/run), and
+// skips it elsewhere.
+func needTool(t *testing.T, name, pkg string) {
+	t.Helper()
+	if os.Getenv("CI") != "" {
+		t.Fatalf("%s is needed (apt-get install %s)", name, pkg)
+	}
+	t.Skipf("%s is not installed (apt-get install %s), so this test cannot run its own server", name, pkg)
+}
+
+// asPostgres runs cmd as the postgres user when the tests run as root:
+// initdb, postgres and pgbouncer refuse to run as root.
+func asPostgres(t *testing.T, cmd *exec.Cmd, dirs ...string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		return
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		t.Fatalf("running as root, and no postgres user to run PostgreSQL as: %v", err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
+	for _, d := range dirs {
+		if err := os.Chown(d, uid, gid); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// privateDir is a new directory that asPostgres's user can use.
+func privateDir(t *testing.T, pattern string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", pattern)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func runAs(t *testing.T, dirs []string, name string, args ...string) {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	asPostgres(t, cmd, dirs...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v\n%s", filepath.Base(name), strings.Join(args, " "), err, out)
+	}
+}
+
+// startPostgres makes and starts a cluster with settings (name=value lines
+// for postgresql.conf), with streaming replication allowed.
+func startPostgres(t *testing.T, settings ...string) *pgServer {
+	t.Helper()
+	s := &pgServer{t: t, dir: privateDir(t, "pg"), port: freePort(t), bin: filepath.Dir(pgBin(t, "initdb"))}
+	data := filepath.Join(s.dir, "data")
+	runAs(t, []string{s.dir}, filepath.Join(s.bin, "initdb"), "-D", data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
+	s.configure(append([]string{"wal_level = replica", "max_wal_senders = 4", "hot_standby = on"}, settings...)...)
+	s.start()
+	s.psql("CREATE ROLE appuser LOGIN PASSWORD 'secret'")
+	s.psql("CREATE DATABASE appdb OWNER appuser")
+	return s
+}
+
+// startStandby makes a streaming standby of primary with pg_basebackup.
+func (primary *pgServer) startStandby() *pgServer {
+	t := primary.t
+	t.Helper()
+	s := &pgServer{t: t, dir: privateDir(t, "pg"), port: freePort(t), bin: primary.bin}
+	runAs(t, []string{s.dir}, filepath.Join(s.bin, "pg_basebackup"), "-h", "127.0.0.1", "-p", strconv.Itoa(primary.port),
+		"-U", "postgres", "-D", filepath.Join(s.dir, "data"), "-R", "-X", "stream", "--no-sync")
+	s.start()
+	return s
+}
+
+func (s *pgServer) configure(lines ...string) {
+	data := filepath.Join(s.dir, "data")
+	conf := fmt.Sprintf("port = %d\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '%s'\nfsync = off\n"+
+		"synchronous_commit = off\nfull_page_writes = off\n%s\n", s.port, s.dir, strings.Join(lines, "\n"))
+	f, err := os.OpenFile(filepath.Join(data, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err == nil {
+		_, err = f.WriteString(conf)
+		f.Close()
+	}
+	if err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+func (s *pgServer) start() {
+	s.t.Helper()
+	data := filepath.Join(s.dir, "data")
+	if !strings.Contains(readFile(s.t, filepath.Join(data, "postgresql.conf")), fmt.Sprintf("port = %d\n", s.port)) {
+		s.configure()
+	}
+	s.pgctl("start", "-w", "-l", filepath.Join(s.dir, "log"))
+	s.t.Cleanup(func() { s.stop("immediate") })
+}
+
+func readFile(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// stop stops the server (mode: smart, fast or immediate); once stopped, it
+// is a no-op.
+func (s *pgServer) stop(mode string) {
+	cmd := exec.Command(filepath.Join(s.bin, "pg_ctl"), "stop", "-D", filepath.Join(s.dir, "data"), "-m", mode, "-w")
+	asPostgres(s.t, cmd)
+	cmd.Run()
+}
+
+func (s *pgServer) pgctl(args ...string) {
+	s.t.Helper()
+	runAs(s.t, nil, filepath.Join(s.bin, "pg_ctl"), append(args[:1:1], append([]string{"-D", filepath.Join(s.dir, "data")}, args[1:]...)...)...)
+}
+
+// psql runs SQL as the superuser on database appdb (postgres before it
+// exists) and returns the output, unaligned.
+func (s *pgServer) psql(query string) string {
+	s.t.Helper()
+	db := "appdb"
+	if strings.HasPrefix(query, "CREATE ROLE") || strings.HasPrefix(query, "CREATE DATABASE") {
+		db = "postgres"
+	}
+	out, err := exec.Command("psql", "-X", "-qAt", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", strconv.Itoa(s.port),
+		"-U", "postgres", "-d", db, "-c", query).CombinedOutput()
+	if err != nil {
+		s.t.Fatalf("psql -c %q: %v\n%s", query, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// config is cfg pointed at this server.
+func (s *pgServer) config(cfg Config) Config {
+	cfg.DBHost, cfg.DBPort = "127.0.0.1", s.port
+	return cfg
+}
+
+// load is a set of clients of the API that run until stopped and count
+// every answer they get. Each client owns one item: it replaces it, reads
+// it back (a miss: the write invalidated it), patches it, and lists a
+// page, so every step reaches PostgreSQL; every 10th round it also creates
+// and deletes an item. A read that does not show the client's last
+// acknowledged write is counted as stale.
+type load struct {
+	base   string
+	client *http.Client
+	stop   chan struct{}
+	wg     sync.WaitGroup
+
+	mu           sync.Mutex
+	ok           int
+	errors       map[string]int // "METHOD status: error message" -> count
+	noRetryAfter int            // 503 answers without Retry-After
+	unknown      int            // of errors, POSTs and DELETEs whose outcome the service said it cannot know
+	stale        int
+	firstError   time.Time
+	lastError    time.Time
+}
+
+func startLoad(t *testing.T, base string, clients int) *load {
+	t.Helper()
+	l := &load{base: base, stop: make(chan struct{}), errors: map[string]int{},
+		client: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: clients}}}
+	for i := range clients {
+		res, err := l.send("POST", "/items", fmt.Sprintf(`{"name":"client %d"}`, i))
+		if err != nil || res.status != http.StatusCreated {
+			t.Fatalf("create the load's items: %v %d %s", err, res.status, res.body)
+		}
+		var it Item
+		json.Unmarshal(res.body, &it)
+		l.wg.Add(1)
+		go l.run(it.ID, i)
+	}
+	t.Cleanup(func() { l.finish() })
+	return l
+}
+
+func (l *load) send(method, path, body string) (response, error) {
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, _ := http.NewRequest(method, l.base+path, rd)
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	start := time.Now()
+	resp, err := l.client.Do(req)
+	if err != nil {
+		return response{}, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return response{status: resp.StatusCode, header: resp.Header, body: b, elapsed: time.Since(start)}, err
+}
+
+func (l *load) run(id int64, client int) {
+	defer l.wg.Done()
+	item := fmt.Sprintf("/items/%d", id)
+	for n := 0; ; n++ {
+		select {
+		case <-l.stop:
+			return
+		default:
+		}
+		name := fmt.Sprintf("client %d round %d", client, n)
+		acked := l.expect("PUT", item, fmt.Sprintf(`{"name":%q}`, name), http.StatusOK)
+		if res, ok := l.step("GET", item, "", http.StatusOK); ok && acked {
+			var it Item
+			if json.Unmarshal(res.body, &it) != nil || it.Name != name {
+				l.mu.Lock()
+				l.stale++
+				l.mu.Unlock()
+			}
+		}
+		l.expect("PATCH", item, `{"description":"patched"}`, http.StatusOK)
+		l.expect("GET", fmt.Sprintf("/items?after=%d&limit=20", max(0, id-10)), "", http.StatusOK)
+		if n%10 == 0 {
+			if res, ok := l.step("POST", "/items", `{"name":"extra"}`, http.StatusCreated); ok {
+				var it Item
+				json.Unmarshal(res.body, &it)
+				l.expect("DELETE", fmt.Sprintf("/items/%d", it.ID), "", http.StatusNoContent)
+			}
+		}
+	}
+}
+
+func (l *load) expect(method, path, body string, want int) bool {
+	_, ok := l.step(method, path, body, want)
+	return ok
+}
+
+// step sends one request and counts its answer: ok if its status is want.
+func (l *load) step(method, path, body string, want int) (response, bool) {
+	res, err := l.send(method, path, body)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err == nil && res.status == want {
+		l.ok++
+		return res, true
+	}
+	key := fmt.Sprintf("%s %v", method, err)
+	if err == nil {
+		var e errorBody
+		json.Unmarshal(res.body, &e)
+		key = fmt.Sprintf("%s %d: %s", method, res.status, e.Error)
+		if res.status == http.StatusServiceUnavailable && res.header.Get("Retry-After") == "" {
+			l.noRetryAfter++
+		}
+		if res.status == http.StatusServiceUnavailable && (method == "POST" || method == "DELETE") &&
+			strings.Contains(e.Error, "whether it was applied is unknown") {
+			l.unknown++
+		}
+	}
+	l.errors[key]++
+	now := time.Now()
+	if l.firstError.IsZero() {
+		l.firstError = now
+	}
+	l.lastError = now
+	return res, false
+}
+
+// finish stops the clients and waits for them.
+func (l *load) finish() {
+	select {
+	case <-l.stop:
+	default:
+		close(l.stop)
+	}
+	l.wg.Wait()
+}
+
+// report stops the load and logs its counts; it returns the number of
+// answers that were not the expected success, and how many of those were
+// creates or deletes cut off mid-statement, whose outcome is unknown.
+func (l *load) report(t *testing.T) (errors, unknown int) {
+	t.Helper()
+	l.finish()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k, n := range l.errors {
+		errors += n
+		t.Logf("  %d × %s", n, k)
+	}
+	window := time.Duration(0)
+	if errors > 0 {
+		window = l.lastError.Sub(l.firstError)
+	}
+	t.Logf("load: %d answers as expected, %d not (within %v; %d of them creates or deletes of unknown outcome), %d stale reads, %d 503s without Retry-After",
+		l.ok, errors, window.Round(time.Millisecond), l.unknown, l.stale, l.noRetryAfter)
+	if l.stale > 0 {
+		t.Errorf("%d reads did not show the client's acknowledged write", l.stale)
+	}
+	if l.noRetryAfter > 0 {
+		t.Errorf("%d answers 503 without Retry-After", l.noRetryAfter)
+	}
+	if l.ok == 0 {
+		t.Error("no request succeeded")
+	}
+	return errors, l.unknown
+}
+
+// count is the answers so far as expected, for waiting on progress.
+func (l *load) count() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ok
+}
+
+// running waits until the load has made n more good answers.
+func (l *load) running(t *testing.T, n int) {
+	t.Helper()
+	start := l.count()
+	waitFor(t, fmt.Sprintf("%d more answers", n), func() bool { return l.count() >= start+n })
+}
+
+// faultServer serves the API on cfg's PostgreSQL with the shared Redis.
+func faultServer(t *testing.T, cfg Config) (string, *Store) {
+	t.Helper()
+	log := newLogBuffer(t).logger()
+	store := newTestStore(t, cfg, log)
+	return testServer(t, log, store, newTestCache(t, cfg, log)), store
+}
+
+func TestOnlineSchemaChange(t *testing.T) {
+	cfg := testConfig(t)
+	base, store := faultServer(t, cfg)
+	l := startLoad(t, base, 8)
+	l.running(t, 500)
+	for _, ddl := range []string{
+		"ALTER TABLE items ALTER COLUMN name TYPE varchar(300)",
+		"ALTER TABLE items ADD COLUMN added_online text NOT NULL DEFAULT 'x'",
+		"ALTER TABLE items ALTER COLUMN name TYPE text",
+	} {
+		if _, err := store.db.Exec(ddl); err != nil {
+			t.Fatalf("%s: %v", ddl, err)
+		}
+		l.running(t, 500)
+	}
+	if n, _ := l.report(t); n > 0 {
+		t.Errorf("%d client-visible errors during online schema changes; want 0", n)
+	}
+}
+
+// terminate ends every backend of appdb's appuser on s but the caller's.
+func terminate(t *testing.T, db *sql.DB) int {
+	t.Helper()
+	var n int
+	err := db.QueryRow(`SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+		WHERE usename = 'appuser' AND application_name = 'items-api' AND pid <> pg_backend_pid()`).Scan(&n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestTerminatedBackends(t *testing.T) {
+	pg := startPostgres(t)
+	cfg := pg.config(testConfig(t))
+	base, _ := faultServer(t, cfg)
+	admin, err := sql.Open("pgx", fmt.Sprintf("postgres://postgres@127.0.0.1:%d/appdb", pg.port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	l := startLoad(t, base, 8)
+	l.running(t, 300)
+	// Every backend at once, every 250 ms: harsher than a pooler restart or
+	// an idle timeout, which end some, now and then. Rounds closer than a
+	// retry takes (up to ~100 ms on a busy CI machine) would end retries too.
+	total := 0
+	for range 12 {
+		total += terminate(t, admin)
+		time.Sleep(250 * time.Millisecond)
+	}
+	t.Logf("terminated %d backends in 12 rounds", total)
+	// A create or delete that was running when its backend ended may have
+	// committed or not: the service says so (503) rather than run it twice.
+	if n, unknown := l.report(t); n > unknown {
+		t.Errorf("%d client-visible errors while backends were terminated, besides %d creates and deletes cut off mid-statement; want 0", n-unknown, unknown)
+	}
+}
+
+func TestCancellationStorm(t *testing.T) {
+	cfg := testConfig(t)
+	base, _ := faultServer(t, cfg)
+	l := startLoad(t, base, 4)
+	l.running(t, 200)
+	// Clients that hang up after a random 0-3 ms, mid-request, on reads and
+	// writes of items of their own.
+	var canceled atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			client := &http.Client{}
+			res, err := l.send("POST", "/items", `{"name":"impatient"}`)
+			if err != nil || res.status != http.StatusCreated {
+				return
+			}
+			var it Item
+			json.Unmarshal(res.body, &it)
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rand.IntN(3000))*time.Microsecond)
+				method, path, body := "GET", "/items?limit=100", ""
+				switch n % 3 {
+				case 1:
+					method, path, body = "PUT", fmt.Sprintf("/items/%d", it.ID), fmt.Sprintf(`{"name":"impatient %d"}`, i)
+				case 2:
+					method, path = "GET", fmt.Sprintf("/items/%d", it.ID)
+				}
+				var rd io.Reader
+				if body != "" {
+					rd = strings.NewReader(body)
+				}
+				req, _ := http.NewRequestWithContext(ctx, method, base+path, rd)
+				req.Header.Set("Content-Type", "application/json")
+				if resp, err := client.Do(req); err == nil {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				} else {
+					canceled.Add(1)
+				}
+				cancel()
+			}
+		}()
+	}
+	time.Sleep(5 * time.Second)
+	close(stop)
+	wg.Wait()
+	t.Logf("%d requests hung up on", canceled.Load())
+	if n, _ := l.report(t); n > 0 {
+		t.Errorf("%d errors for clients that did not hang up; want 0", n)
+	}
+}
