@@ -194,7 +194,7 @@ func (s *Items) Vars() *expvar.Map {
 	for name, n := range map[string]*atomic.Int64{
 		"cache_hits": s.outcomes[Hit], "cache_misses": s.outcomes[Miss], "cache_bypasses": s.outcomes[Bypass],
 		"redis_errors": &s.cache.outages.errors, "postgres_errors": &s.store.errors,
-		"postgres_retries": &s.store.retries,
+		"postgres_retries":    &s.store.retries,
 		"postgres_item_reads": &s.reads, "waiting_for_item_reads": &s.waiting,
 	} {
 		m.Set(name, expvar.Func(func() any { return n.Load() }))
