@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -129,7 +130,7 @@ func (primary *pgServer) startStandby() *pgServer {
 	t.Helper()
 	s := &pgServer{t: t, dir: privateDir(t, "pg"), port: freePort(t), bin: primary.bin}
 	runAs(t, []string{s.dir}, filepath.Join(s.bin, "pg_basebackup"), "-h", "127.0.0.1", "-p", strconv.Itoa(primary.port),
-		"-U", "postgres", "-D", filepath.Join(s.dir, "data"), "-R", "-X", "stream", "--no-sync")
+		"-U", "postgres", "-D", filepath.Join(s.dir, "data"), "-R", "-X", "stream", "-c", "fast", "--no-sync")
 	s.start()
 	return s
 }
@@ -410,12 +411,16 @@ func TestOnlineSchemaChange(t *testing.T) {
 	}
 }
 
-// terminate ends every backend of appdb's appuser on s but the caller's.
-func terminate(t *testing.T, db *sql.DB) int {
+// terminate ends every backend of the service on db's server, but the
+// caller's: those named items-api, or if behindBouncer every backend of
+// appuser (PgBouncer's server connections carry no application_name).
+// Only private servers, or a test's PgBouncer, should be treated so.
+func terminate(t *testing.T, db *sql.DB, behindBouncer bool) int {
 	t.Helper()
 	var n int
 	err := db.QueryRow(`SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-		WHERE usename = 'appuser' AND application_name = 'items-api' AND pid <> pg_backend_pid()`).Scan(&n)
+		WHERE usename = 'appuser' AND datname = current_database() AND pid <> pg_backend_pid()
+		AND (application_name = 'items-api' OR $1)`, behindBouncer).Scan(&n)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -438,7 +443,7 @@ func TestTerminatedBackends(t *testing.T) {
 	// retry takes (up to ~100 ms on a busy CI machine) would end retries too.
 	total := 0
 	for range 12 {
-		total += terminate(t, admin)
+		total += terminate(t, admin, false)
 		time.Sleep(250 * time.Millisecond)
 	}
 	t.Logf("terminated %d backends in 12 rounds", total)
@@ -506,5 +511,228 @@ func TestCancellationStorm(t *testing.T) {
 	t.Logf("%d requests hung up on", canceled.Load())
 	if n, _ := l.report(t); n > 0 {
 		t.Errorf("%d errors for clients that did not hang up; want 0", n)
+	}
+}
+
+// outage measures a fault's client-visible window: the load's errors must
+// all be 503s with Retry-After, and writes must succeed again by
+// themselves within bound once the fault is over.
+func assertOnly503(t *testing.T, l *load) {
+	t.Helper()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k := range l.errors {
+		if !strings.Contains(k, " 503: ") {
+			t.Errorf("answer %q; want only 503s during the fault", k)
+		}
+	}
+}
+
+// firstWrite waits until a PUT succeeds, and returns how long that took.
+func firstWrite(t *testing.T, base string, id int64, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for time.Since(start) < within {
+		if res := do(t, "PUT", fmt.Sprintf("%s/items/%d", base, id), `{"name":"probe"}`); res.status == http.StatusOK {
+			return time.Since(start)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("no write succeeded within %v", within)
+	return 0
+}
+
+// TestReadOnlyPrimary: a primary turned read-only (default_transaction_read_only,
+// as during a switchover or on a full disk) makes writes 503 with
+// Retry-After, never 500; reads go on; /ready says "read-only"; writes
+// come back by themselves once it accepts them again.
+func TestReadOnlyPrimary(t *testing.T) {
+	pg := startPostgres(t)
+	cfg := pg.config(testConfig(t))
+	base, _ := faultServer(t, cfg)
+	probe := createItem(t, base, `{"name":"probe"}`)
+	l := startLoad(t, base, 4)
+	l.running(t, 200)
+
+	pg.psql("ALTER SYSTEM SET default_transaction_read_only = on")
+	pg.psql("SELECT pg_reload_conf()")
+	waitFor(t, "a write refused as read-only", func() bool {
+		return do(t, "PUT", fmt.Sprintf("%s/items/%d", base, probe.ID), `{"name":"probe"}`).status == http.StatusServiceUnavailable
+	})
+	res := do(t, "PUT", fmt.Sprintf("%s/items/%d", base, probe.ID), `{"name":"probe"}`)
+	if res.status != 503 || res.header.Get("Retry-After") == "" || !strings.Contains(errorMessage(t, res), "accepts no writes") {
+		t.Errorf("PUT on a read-only primary: %d %s (Retry-After %q); want 503, Retry-After, a message saying so", res.status, res.body, res.header.Get("Retry-After"))
+	}
+	if res := do(t, "GET", base+"/items?limit=5", ""); res.status != 200 {
+		t.Errorf("GET /items on a read-only primary: %d %s; want 200 (reads go on)", res.status, res.body)
+	}
+	ready := do(t, "GET", base+"/ready", "")
+	var r readiness
+	json.Unmarshal(ready.body, &r)
+	if ready.status != 503 || r.Postgres != "read-only" {
+		t.Errorf("/ready on a read-only primary: %d %s; want 503 with postgres \"read-only\"", ready.status, ready.body)
+	}
+	time.Sleep(time.Second)
+
+	pg.psql("ALTER SYSTEM RESET default_transaction_read_only")
+	pg.psql("SELECT pg_reload_conf()")
+	took := firstWrite(t, base, probe.ID, 5*time.Second)
+	t.Logf("writes came back %v after the primary accepted them again", took.Round(time.Millisecond))
+	l.running(t, 200)
+	assertOnly503(t, l)
+	l.report(t)
+	if ready := do(t, "GET", base+"/ready", ""); ready.status != 200 {
+		t.Errorf("/ready after: %d %s; want 200", ready.status, ready.body)
+	}
+}
+
+// TestFailover: DB_HOST lists a primary and its streaming standby. The
+// primary stops (fast: it sends the standby all its WAL first), the
+// standby is promoted, and the service finds it by itself: clients see
+// only 503s with Retry-After, for a window measured here, and no
+// acknowledged write is lost or read stale.
+func TestFailover(t *testing.T) {
+	primary := startPostgres(t)
+	standby := primary.startStandby()
+	cfg := testConfig(t)
+	cfg.DBHost = fmt.Sprintf("127.0.0.1:%d,127.0.0.1:%d", primary.port, standby.port)
+	base, _ := faultServer(t, cfg)
+	probe := createItem(t, base, `{"name":"probe"}`)
+	l := startLoad(t, base, 4)
+	l.running(t, 300)
+
+	start := time.Now()
+	primary.stop("fast")
+	stopped := time.Since(start)
+	time.Sleep(500 * time.Millisecond) // a failover manager's detection time
+	promoteAt := time.Now()
+	standby.pgctl("promote", "-w")
+	promoted := time.Since(promoteAt)
+	took := firstWrite(t, base, probe.ID, 10*time.Second)
+	t.Logf("primary stopped in %v; standby promoted in %v; first write %v after the promotion, %v after the primary began to stop",
+		stopped.Round(time.Millisecond), promoted.Round(time.Millisecond), took.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
+	l.running(t, 300)
+	assertOnly503(t, l)
+	l.report(t)
+	if took > 2*time.Second {
+		t.Errorf("writes came back %v after the promotion; want within 2 s", took)
+	}
+}
+
+// pgBouncer is a private PgBouncer in transaction pooling mode in front of
+// cfg's PostgreSQL, its server connections set to cfg's schema (a pooler
+// in transaction mode cannot keep a client's search_path: see
+// docs/postgres.md#pgbouncer).
+type pgBouncer struct {
+	t    *testing.T
+	dir  string
+	port int
+	cmd  *exec.Cmd
+}
+
+func startPgBouncer(t *testing.T, cfg Config) *pgBouncer {
+	t.Helper()
+	bin, err := exec.LookPath("pgbouncer")
+	if err != nil {
+		needTool(t, "pgbouncer", "pgbouncer")
+	}
+	b := &pgBouncer{t: t, dir: privateDir(t, "pgbouncer"), port: freePort(t)}
+	conf := fmt.Sprintf(`[databases]
+%s = host=%s port=%d dbname=%s connect_query='SET search_path = %s'
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = %d
+unix_socket_dir =
+auth_type = trust
+auth_file = %s/users.txt
+pool_mode = transaction
+default_pool_size = 4
+max_client_conn = 500
+ignore_startup_parameters = search_path
+logfile = %s/pgbouncer.log
+`, cfg.DBName, cfg.DBHost, cfg.DBPort, cfg.DBName, cfg.DBSchema, b.port, b.dir, b.dir)
+	for name, text := range map[string]string{"pgbouncer.ini": conf, "users.txt": fmt.Sprintf("%q %q\n", cfg.DBUser, cfg.DBPassword)} {
+		if err := os.WriteFile(filepath.Join(b.dir, name), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b.cmd = exec.Command(bin)
+	b.start()
+	return b
+}
+
+func (b *pgBouncer) start() {
+	b.t.Helper()
+	b.cmd = exec.Command(b.cmd.Path, filepath.Join(b.dir, "pgbouncer.ini"))
+	asPostgres(b.t, b.cmd, b.dir)
+	if err := b.cmd.Start(); err != nil {
+		b.t.Fatal(err)
+	}
+	cmd := b.cmd
+	b.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	waitFor(b.t, "PgBouncer to listen", func() bool {
+		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", b.port))
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+}
+
+// restart stops PgBouncer at once (SIGTERM: every client connection
+// closed) and starts it again.
+func (b *pgBouncer) restart() {
+	b.cmd.Process.Signal(syscall.SIGTERM)
+	b.cmd.Wait()
+	b.start()
+}
+
+// TestPgBouncer: through PgBouncer in transaction mode, with
+// DB_QUERY_EXEC_MODE=exec and MIGRATE_ON_START=false (migrations ran
+// directly), everything works under load: 0 errors; its restarts and the
+// server's ending of backends give only 503s, in a window measured here.
+func TestPgBouncer(t *testing.T) {
+	cfg := testConfig(t)
+	direct := newTestStore(t, cfg, newLogBuffer(t).logger()) // migrates, and drops the schema at the end
+	bouncer := startPgBouncer(t, cfg)
+	viaBouncer := cfg
+	viaBouncer.DBHost, viaBouncer.DBPort = "127.0.0.1", bouncer.port
+	viaBouncer.DBQueryExecMode = "exec"
+	viaBouncer.MigrateOnStart = false
+	log := newLogBuffer(t).logger()
+	store, err := openStore(t.Context(), viaBouncer, log)
+	if err != nil {
+		t.Fatalf("open the store through PgBouncer: %v", err)
+	}
+	t.Cleanup(func() { store.Close() })
+	base := testServer(t, log, store, newTestCache(t, cfg, log))
+
+	l := startLoad(t, base, 8)
+	l.running(t, 2000)
+	if n, _ := l.report(t); n > 0 {
+		t.Fatalf("%d errors through PgBouncer; want 0", n)
+	}
+
+	// A restart: until it listens again, new connections are refused (503).
+	l = startLoad(t, base, 8)
+	l.running(t, 300)
+	for range 3 {
+		start := time.Now()
+		bouncer.restart()
+		t.Logf("PgBouncer down for %v", time.Since(start).Round(time.Millisecond))
+		l.running(t, 300)
+	}
+	assertOnly503(t, l)
+	l.report(t)
+
+	// The server ends the backends behind PgBouncer.
+	l = startLoad(t, base, 8)
+	l.running(t, 300)
+	for range 3 {
+		terminate(t, direct.db, true)
+		time.Sleep(250 * time.Millisecond)
+	}
+	if n, unknown := l.report(t); n > unknown {
+		t.Errorf("%d errors when backends behind PgBouncer ended, besides %d creates and deletes cut off mid-statement; want 0", n-unknown, unknown)
 	}
 }
