@@ -177,8 +177,10 @@ func shouldPing(_ context.Context, p stdlib.ShouldPingParams) bool {
 }
 
 // unread reports whether c, an idle connection, has bytes or an end of
-// stream waiting. It peeks without blocking (one recv(2) with MSG_PEEK) and
-// consumes nothing. Not a pgx API: pgconn's CheckConn waits 1 ms.
+// stream waiting. It peeks without blocking (one recv(2) with MSG_PEEK and
+// MSG_DONTWAIT) and consumes nothing. It goes through Control, not Read:
+// pgx's background reader may be blocked in a read of this connection,
+// holding its read lock. Not pgx's CheckConn: that waits 1 ms.
 func unread(c net.Conn) bool {
 	if tc, ok := c.(interface{ NetConn() net.Conn }); ok { // TLS
 		c = tc.NetConn()
@@ -194,9 +196,8 @@ func unread(c net.Conn) bool {
 	var b [1]byte
 	var n int
 	var rerr error
-	if err := raw.Read(func(fd uintptr) bool {
+	if err := raw.Control(func(fd uintptr) {
 		n, _, rerr = syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		return true
 	}); err != nil {
 		return true
 	}

@@ -704,3 +704,50 @@ func TestStoreWritesEveryField(t *testing.T) {
 	patched, err := store.Patch(ctx, created.ID, in)
 	check("Patch", patched, err, want)
 }
+
+// TestUnread: the peek before a pooled connection is reused tells an idle
+// connection from one the server closed or wrote to, and does not wait
+// for a read that another goroutine (pgx's background reader) has begun.
+func TestUnread(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	pair := func() (client, server net.Conn) {
+		accepted := make(chan net.Conn, 1)
+		go func() { c, _ := ln.Accept(); accepted <- c }()
+		client, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return client, <-accepted
+	}
+	idle, srv := pair()
+	defer idle.Close()
+	defer srv.Close()
+	if unread(idle) {
+		t.Error("an idle connection: unread says true")
+	}
+	go idle.Read(make([]byte, 1)) // a reader blocked on it, as pgx's may be
+	time.Sleep(20 * time.Millisecond)
+	done := make(chan bool, 1)
+	go func() { done <- unread(idle) }()
+	select {
+	case <-done:
+	case <-time.After(time.Second):
+		t.Fatal("unread waited for another goroutine's read")
+	}
+
+	written, srv2 := pair()
+	defer written.Close()
+	srv2.Write([]byte("E")) // a FATAL message, say
+	closed, srv3 := pair()
+	defer closed.Close()
+	srv3.Close()
+	time.Sleep(20 * time.Millisecond)
+	if !unread(written) || !unread(closed) {
+		t.Errorf("unread on a connection with bytes waiting: %v, closed by the server: %v; want true for both", unread(written), unread(closed))
+	}
+	srv2.Close()
+}
