@@ -25,7 +25,7 @@ type Config struct {
 	DBPassword       string        // DB_PASSWORD; never logged.
 	DBSchema         string        // DB_SCHEMA: created if missing and put first on search_path; empty keeps the server's default (public).
 	DBSSLMode        string        // DB_SSLMODE: libpq sslmode (disable, allow, prefer, require, verify-ca, verify-full).
-	DBMaxConns       int           // DB_MAX_CONNS: size of the connection pool.
+	DBMaxConns       int           // DB_MAX_CONNS: size of the connection pool; retries may open a quarter more (Store.run).
 	DBConnectTimeout time.Duration // DB_CONNECT_TIMEOUT: how long startup waits for PostgreSQL.
 	DBQueryTimeout   time.Duration // DB_QUERY_TIMEOUT: bound on each query, including the wait for a pooled connection.
 	DBQueryExecMode  string        // DB_QUERY_EXEC_MODE: pgx's default_query_exec_mode; exec or simple_protocol behind PgBouncer in transaction mode.
@@ -85,7 +85,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		}
 	}
 	for _, h := range strings.Split(c.DBHost, ",") {
-		if host, port := splitHostPort(h); host == "" || port != "" && !validPort(port) {
+		if host, port := splitHostPort(h); !validHost(host) || port != "" && !validPort(port) {
 			p.fail("DB_HOST", c.DBHost, "must be a host or a comma-separated list of hosts, each with an optional :port")
 			break
 		}
@@ -152,6 +152,15 @@ func splitHostPort(s string) (host, port string) {
 		return h, p
 	}
 	return strings.Trim(s, "[]"), ""
+}
+
+// validHost accepts a name or an IP address: no spaces or URL delimiters,
+// and a colon only in an IPv6 address.
+func validHost(h string) bool {
+	if h == "" || strings.ContainsAny(h, "/?#@[] \t") {
+		return false
+	}
+	return !strings.Contains(h, ":") || net.ParseIP(h) != nil
 }
 
 func validPort(s string) bool {
@@ -239,7 +248,7 @@ func (p *envParser) boolean(name string, def bool) bool {
 }
 
 func (p *envParser) oneOf(name, def string, allowed ...string) string {
-	v := p.getenv(name)
+	v := strings.TrimSpace(p.getenv(name))
 	if v == "" {
 		return def
 	}

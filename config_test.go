@@ -58,6 +58,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"DB_SCHEMA", "Robert'); DROP"}, {"DB_SCHEMA", "1abc"},
 		{"LOG_LEVEL", "loud"}, {"LOG_FORMAT", "xml"},
 		{"DB_HOST", "a,,b"}, {"DB_HOST", "db:x"}, {"DB_HOST", "db:0"}, {"DB_HOST", ","},
+		{"DB_HOST", "db:5432:5433"}, {"DB_HOST", "db/x"}, {"DB_HOST", "db?x=1"}, {"DB_HOST", "a b"},
 		{"DB_QUERY_EXEC_MODE", "fast"}, {"MIGRATE_ON_START", "maybe"},
 	}
 	for _, tc := range tests {

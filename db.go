@@ -14,7 +14,6 @@ import (
 	"reflect"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -88,6 +87,9 @@ var (
 	ErrConflict = errors.New("conflicts with a constraint of the table")
 	// ErrRejected means a column cannot hold a value the API accepted.
 	ErrRejected = errors.New("the database cannot store a value")
+	// ErrOutcomeUnknown marks a write that was sent, lost its connection,
+	// and was retried without success: the first try may have committed.
+	ErrOutcomeUnknown = errors.New("a try of the write may have been applied")
 )
 
 // Store is the items table behind a bounded pool of PostgreSQL connections.
@@ -102,6 +104,7 @@ type Store struct {
 	lastDrop atomic.Int64 // when idle connections were last dropped, Unix ns
 	errors   atomic.Int64 // queries that failed, not counting "not found"
 	retries  atomic.Int64 // statements run again after a stale plan or a dead connection
+	connects atomic.Int64 // connections made, by both pools
 }
 
 // dsn builds the connection URL for pgx from the DB_* settings. With
@@ -138,15 +141,20 @@ func openStore(ctx context.Context, cfg Config, log *slog.Logger) (*Store, error
 	if err != nil {
 		return nil, fmt.Errorf("PostgreSQL settings: %w", err)
 	}
-	db := stdlib.OpenDB(*conf, stdlib.OptionShouldPing(shouldPing))
+	s := &Store{timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns}
+	counted := stdlib.OptionAfterConnect(func(context.Context, *pgx.Conn) error {
+		s.connects.Add(1)
+		return nil
+	})
+	db := stdlib.OpenDB(*conf, stdlib.OptionShouldPing(shouldPing), counted)
 	db.SetMaxOpenConns(cfg.DBMaxConns)
 	db.SetMaxIdleConns(cfg.DBMaxConns)
 	db.SetConnMaxIdleTime(5 * time.Minute)
 	db.SetConnMaxLifetime(time.Hour)
-	fresh := stdlib.OpenDB(*conf)
-	fresh.SetMaxOpenConns(max(1, cfg.DBMaxConns/4))
-	fresh.SetMaxIdleConns(-1)
-	s := &Store{db: db, fresh: fresh, timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns}
+	s.fresh = stdlib.OpenDB(*conf, counted)
+	s.fresh.SetMaxOpenConns(max(1, cfg.DBMaxConns/4))
+	s.fresh.SetMaxIdleConns(-1)
+	s.db = db
 
 	if err := s.waitReady(ctx, cfg, log); err != nil {
 		s.Close()
@@ -174,34 +182,6 @@ func openStore(ctx context.Context, cfg Config, log *slog.Logger) (*Store, error
 // this, each such connection fails one request.
 func shouldPing(_ context.Context, p stdlib.ShouldPingParams) bool {
 	return p.IdleDuration > time.Second || unread(p.Conn.PgConn().Conn())
-}
-
-// unread reports whether c, an idle connection, has bytes or an end of
-// stream waiting. It peeks without blocking (one recv(2) with MSG_PEEK and
-// MSG_DONTWAIT) and consumes nothing. It goes through Control, not Read:
-// pgx's background reader may be blocked in a read of this connection,
-// holding its read lock. Not pgx's CheckConn: that waits 1 ms.
-func unread(c net.Conn) bool {
-	if tc, ok := c.(interface{ NetConn() net.Conn }); ok { // TLS
-		c = tc.NetConn()
-	}
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return false
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return false
-	}
-	var b [1]byte
-	var n int
-	var rerr error
-	if err := raw.Control(func(fd uintptr) {
-		n, _, rerr = syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-	}); err != nil {
-		return true
-	}
-	return n > 0 || !errors.Is(rerr, syscall.EAGAIN)
 }
 
 func (s *Store) waitReady(ctx context.Context, cfg Config, log *slog.Logger) error {
@@ -390,8 +370,9 @@ const (
 )
 
 // run runs statement on a pooled connection within the query timeout,
-// taking the connection first so that a write that never got one is known
-// not to have happened (ErrNotSent). The client sees no error for:
+// taking the connection first so that a write that never got one (or
+// whose client left while it waited) is known not to have happened
+// (ErrNotSent). The client sees no error for:
 //   - a prepared statement that DDL made stale ("cached plan must not
 //     change result type"): pgx has dropped it from this connection's cache
 //     on the error, so it runs once more there, prepared anew;
@@ -412,9 +393,21 @@ func (s *Store) run(ctx context.Context, retry int, statement func(context.Conte
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	c, err := s.db.Conn(ctx)
+	if err == nil && ctx.Err() != nil { // the client left while it waited
+		c.Close()
+		err = ctx.Err()
+	}
 	if err != nil {
 		return s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
 	}
+	// Once sent, the statement runs to its end or the query timeout, even
+	// if the client hangs up: cancelled mid-statement, pgx closes the
+	// connection, so a crowd of clients hanging up would make the pool
+	// reconnect all the time, and other requests wait for connections
+	// until they time out. It also leaves a write's outcome known.
+	deadline, _ := ctx.Deadline()
+	ctx, cancel = context.WithDeadline(context.WithoutCancel(ctx), deadline)
+	defer cancel()
 	err = statement(ctx, c)
 	switch {
 	case err == nil || ctx.Err() != nil:
@@ -423,12 +416,21 @@ func (s *Store) run(ctx context.Context, retry int, statement func(context.Conte
 		err = statement(ctx, c)
 	case deadConn(err) && (retry == idempotent || unsent(err)) || readOnly(err):
 		s.retries.Add(1)
+		// The first try may have committed if it was sent and its answer
+		// lost; then whatever the retry's error, the outcome is unknown.
+		applied := !Unchanged(classify(err))
 		c.Raw(func(any) error { return driver.ErrBadConn }) // the pool drops it
 		c.Close()
 		if c, err = s.fresh.Conn(ctx); err != nil {
-			return s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
+			err = fmt.Errorf("%w: %w", ErrNotSent, err)
+		} else {
+			err = statement(ctx, c)
+			c.Close()
 		}
-		err = statement(ctx, c)
+		if err != nil && applied {
+			err = fmt.Errorf("%w: %w", ErrOutcomeUnknown, err)
+		}
+		return s.classify(err)
 	}
 	c.Close()
 	return s.classify(err)
@@ -489,6 +491,11 @@ func classify(err error) error {
 			return fmt.Errorf("%w: %w", ErrConflict, err)
 		case class == "22":
 			return fmt.Errorf("%w: %w", ErrRejected, err)
+		case (pgErr.Code == "26000" || pgErr.Code == "42P05") && strings.Contains(pgErr.Message, "stmtcache_"):
+			// pgx's prepared statements, missing or doubled on the server
+			// connection: a pooler in transaction mode hands out server
+			// connections per transaction. A configuration error (500).
+			return fmt.Errorf("%w (behind PgBouncer or another pooler in transaction mode? set DB_QUERY_EXEC_MODE=exec)", err)
 		}
 		return err
 	case unavailable(err):
@@ -543,7 +550,8 @@ func readOnly(err error) bool {
 func deadConn(err error) bool {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
-		return pgErr.Severity == "FATAL" || pgErr.Severity == "PANIC" || strings.HasPrefix(pgErr.Code, "08")
+		sev := severity(pgErr)
+		return sev == "FATAL" || sev == "PANIC" || strings.HasPrefix(pgErr.Code, "08")
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || pgconn.Timeout(err) {
 		return false
@@ -569,6 +577,15 @@ func pgMessage(err error) string {
 	return err.Error()
 }
 
+// severity is ERROR, FATAL or PANIC, whatever the server's lc_messages
+// (Severity is translated; SeverityUnlocalized exists from PostgreSQL 9.6).
+func severity(e *pgconn.PgError) string {
+	if e.SeverityUnlocalized != "" {
+		return e.SeverityUnlocalized
+	}
+	return e.Severity
+}
+
 // Unchanged reports whether a write that returned err certainly left the
 // table as it was: it found no row, was never sent, or PostgreSQL answered
 // it with an ERROR, which rolls back the statement's transaction. A FATAL
@@ -577,12 +594,12 @@ func pgMessage(err error) string {
 func Unchanged(err error) bool {
 	var pgErr *pgconn.PgError
 	switch {
-	case err == nil:
+	case err == nil || errors.Is(err, ErrOutcomeUnknown):
 		return false
 	case errors.Is(err, ErrNotFound) || unsent(err):
 		return true
 	case errors.As(err, &pgErr):
-		return pgErr.Severity == "ERROR" && pgErr.Code != "40003" // statement_completion_unknown
+		return severity(pgErr) == "ERROR" && pgErr.Code != "40003" // statement_completion_unknown
 	}
 	return false
 }

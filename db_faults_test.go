@@ -456,9 +456,10 @@ func TestTerminatedBackends(t *testing.T) {
 
 func TestCancellationStorm(t *testing.T) {
 	cfg := testConfig(t)
-	base, _ := faultServer(t, cfg)
+	base, store := faultServer(t, cfg)
 	l := startLoad(t, base, 4)
 	l.running(t, 200)
+	connects := store.connects.Load()
 	// Clients that hang up after a random 0-3 ms, mid-request, on reads and
 	// writes of items of their own.
 	var canceled atomic.Int64
@@ -481,7 +482,7 @@ func TestCancellationStorm(t *testing.T) {
 					return
 				default:
 				}
-				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rand.IntN(3000))*time.Microsecond)
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rand.IntN(300))*time.Microsecond)
 				method, path, body := "GET", "/items?limit=100", ""
 				switch n % 3 {
 				case 1:
@@ -508,9 +509,16 @@ func TestCancellationStorm(t *testing.T) {
 	time.Sleep(5 * time.Second)
 	close(stop)
 	wg.Wait()
-	t.Logf("%d requests hung up on", canceled.Load())
+	made := store.connects.Load() - connects
+	t.Logf("%d requests hung up on; %d connections made meanwhile", canceled.Load(), made)
 	if n, _ := l.report(t); n > 0 {
 		t.Errorf("%d errors for clients that did not hang up; want 0", n)
+	}
+	// A statement cancelled mid-flight costs its connection (pgx closes
+	// it); the pool must not churn through connections because clients
+	// hang up.
+	if made > int64(cfg.DBMaxConns) {
+		t.Errorf("%d connections made during the storm; want at most the pool's %d", made, cfg.DBMaxConns)
 	}
 }
 

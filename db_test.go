@@ -233,6 +233,19 @@ func TestClassify(t *testing.T) {
 			t.Errorf("Unchanged(%v): got %v; want %v", tc.err, !tc.unchanged, tc.unchanged)
 		}
 	}
+	// Severity is translated by the server's lc_messages.
+	if german := (&pgconn.PgError{Severity: "FEHLER", SeverityUnlocalized: "ERROR", Code: "22001"}); !Unchanged(classify(german)) {
+		t.Error("a translated ERROR is not taken as one")
+	}
+	if russian := (&pgconn.PgError{Severity: "ВАЖНО", SeverityUnlocalized: "FATAL", Code: "57P01"}); !deadConn(russian) {
+		t.Error("a translated FATAL is not taken as one")
+	}
+	if err := classify(fmt.Errorf("%w: %w", ErrOutcomeUnknown, fatal("57P01"))); Unchanged(err) || !errors.Is(err, ErrUnavailable) {
+		t.Errorf("a retried write of unknown outcome: %v; want unavailable, and not unchanged", err)
+	}
+	if err := classify(&pgconn.PgError{Severity: "ERROR", Code: "26000", Message: `prepared statement "stmtcache_1f" does not exist`}); !strings.Contains(err.Error(), "DB_QUERY_EXEC_MODE=exec") {
+		t.Errorf("a prepared statement lost by a pooler: %v; want the setting named", err)
+	}
 	if !stalePlan(&pgconn.PgError{Code: "0A000", Message: "cached plan must not change result type"}) {
 		t.Error("a stale plan is not recognised")
 	}
@@ -750,4 +763,33 @@ func TestUnread(t *testing.T) {
 		t.Errorf("unread on a connection with bytes waiting: %v, closed by the server: %v; want true for both", unread(written), unread(closed))
 	}
 	srv2.Close()
+}
+
+// TestRetriedWriteOfUnknownOutcome: a PUT reaches PostgreSQL and commits,
+// its connection dies before the answer, and its retry cannot get a
+// connection. The client must hear that the outcome is unknown (not "try
+// again", as if nothing happened), and the cache must not keep the old
+// value. Found by a review: only the retry's error was looked at.
+func TestRetriedWriteOfUnknownOutcome(t *testing.T) {
+	cfg := testConfig(t)
+	base, p, it, _ := pgBehindProxy(t, cfg)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	do(t, "PUT", url, `{"name":"old"}`) // prepares the UPDATE on the connection
+	if got := do(t, "GET", url, "").header.Get("X-Cache") + " " + do(t, "GET", url, "").header.Get("X-Cache"); got != "MISS HIT" {
+		t.Fatalf("priming the cache: got %s; want MISS HIT", got)
+	}
+	p.stallReplies()
+	done := make(chan response)
+	go func() { done <- do(t, "PUT", url, `{"name":"new"}`) }()
+	time.Sleep(300 * time.Millisecond) // the UPDATE commits; its answer is held
+	p.setCut(true)                     // the connection dies, and no new one can be made
+	res := <-done
+	p.resume()
+	p.setCut(false)
+	if res.status != http.StatusServiceUnavailable || !strings.Contains(errorMessage(t, res), "whether it was applied is unknown") {
+		t.Errorf("PUT: %d %s; want 503 saying the outcome is unknown", res.status, res.body)
+	}
+	if got := do(t, "GET", url, ""); !strings.Contains(string(got.body), `"new"`) {
+		t.Errorf("GET after: %d %s %s; want what PostgreSQL holds, the new name", got.status, got.header.Get("X-Cache"), got.body)
+	}
 }

@@ -567,15 +567,15 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		// The client went away (or gave up): nothing is wrong with the
 		// database, and nobody reads this answer. 499 as in nginx's logs.
 		status, res.Error = statusClientClosedRequest, "client closed the request"
-	case errors.Is(err, ErrReadOnly):
-		noteError(w, err)
-		w.Header().Set("Retry-After", "1")
-		status, res.Error = http.StatusServiceUnavailable, "the database accepts no writes now (a failover may be in progress); try again shortly"
 	case errors.Is(err, ErrUnavailable) && r.Method != http.MethodGet && !Unchanged(err):
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")
 		status, res.Error = http.StatusServiceUnavailable, "the connection to the database was lost during the write, "+
 			"so whether it was applied is unknown; read the item (or the list) before trying again"
+	case errors.Is(err, ErrReadOnly):
+		noteError(w, err)
+		w.Header().Set("Retry-After", "1")
+		status, res.Error = http.StatusServiceUnavailable, "the database accepts no writes now (a failover may be in progress); try again shortly"
 	case errors.Is(err, ErrUnavailable):
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")

@@ -311,7 +311,7 @@ func TestDebugVars(t *testing.T) {
 		t.Fatalf("GET /debug/vars: got %d %s; want 200 with JSON", res.status, res.body)
 	}
 	want := map[string]int64{"cache_hits": 2, "cache_misses": 2, "cache_bypasses": 0, "redis_errors": 0,
-		"postgres_errors": 0, "postgres_retries": 0, "postgres_item_reads": 2, "waiting_for_item_reads": 0}
+		"postgres_errors": 0, "postgres_retries": 0, "postgres_connects": 1, "postgres_item_reads": 2, "waiting_for_item_reads": 0}
 	if !maps.Equal(vars.Items, want) {
 		t.Errorf("items counters: got %v; want %v", vars.Items, want)
 	}

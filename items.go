@@ -184,7 +184,9 @@ func (s *Items) Ready(ctx context.Context) (postgres, redis error) {
 // cache_bypasses (single-item reads by what the cache did), redis_errors
 // (commands that failed or were refused), postgres_errors (queries that
 // failed, "not found" aside), postgres_retries (statements run again after
-// a stale plan or a dead connection: see Store.run), postgres_item_reads (queries for single-item
+// a stale plan or a dead connection: see Store.run), postgres_connects
+// (connections made: a figure that keeps growing means connections are
+// being lost), postgres_item_reads (queries for single-item
 // reads after a miss or a bypass: fewer than those when concurrent ones
 // share a query) and waiting_for_item_reads (requests waiting on such a
 // query now). They are kept per Items rather than published globally, so
@@ -194,7 +196,7 @@ func (s *Items) Vars() *expvar.Map {
 	for name, n := range map[string]*atomic.Int64{
 		"cache_hits": s.outcomes[Hit], "cache_misses": s.outcomes[Miss], "cache_bypasses": s.outcomes[Bypass],
 		"redis_errors": &s.cache.outages.errors, "postgres_errors": &s.store.errors,
-		"postgres_retries":    &s.store.retries,
+		"postgres_retries": &s.store.retries, "postgres_connects": &s.store.connects,
 		"postgres_item_reads": &s.reads, "waiting_for_item_reads": &s.waiting,
 	} {
 		m.Set(name, expvar.Func(func() any { return n.Load() }))

@@ -67,9 +67,24 @@ func checkMigrated(ctx context.Context, db *sql.DB, schema string) error {
 	if err != nil {
 		return err
 	}
-	current, target, err := p.GetVersions(ctx)
-	if err != nil {
+	sources := p.ListSources()
+	target := sources[len(sources)-1].Version
+	current := int64(0)
+	// Without the version table (or DB_SCHEMA), it is version 0. Checked
+	// here: goose would create the table, and with DB_SCHEMA missing it
+	// would look in public.
+	table := "goose_db_version"
+	if schema != "" {
+		table = schema + "." + table
+	}
+	var migrated bool
+	if err := db.QueryRowContext(ctx, "SELECT to_regclass($1) IS NOT NULL", table).Scan(&migrated); err != nil {
 		return fmt.Errorf("read the schema version: %w", err)
+	}
+	if migrated {
+		if current, err = p.GetDBVersion(ctx); err != nil {
+			return fmt.Errorf("read the schema version: %w", err)
+		}
 	}
 	if current < target {
 		return fmt.Errorf("the schema is at version %d and this build needs %d: run `items migrate` first, or set MIGRATE_ON_START=true", current, target)

@@ -107,12 +107,15 @@ func TestReplicasMigrateTogether(t *testing.T) {
 func TestMigrateCommand(t *testing.T) {
 	cfg := testConfig(t)
 	newTestStore(t, cfg, newLogBuffer(t).logger()) // drops the schema at the end
-	rawSQL(t, cfg, "DROP SCHEMA "+cfg.DBSchema+" CASCADE", "CREATE SCHEMA "+cfg.DBSchema)
+	rawSQL(t, cfg, "DROP SCHEMA "+cfg.DBSchema+" CASCADE")
 
 	noMigrate := envFrom(cfg, "MIGRATE_ON_START", "false")
-	err := run(t.Context(), []string{"items"}, noMigrate, io.Discard)
-	if err == nil || !strings.Contains(err.Error(), "items migrate") {
-		t.Fatalf("start with MIGRATE_ON_START=false on an empty schema: %v; want an error saying to run `items migrate`", err)
+	for _, state := range []string{"no schema", "an empty schema"} {
+		err := run(t.Context(), []string{"items"}, noMigrate, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), "run `items migrate` first") {
+			t.Fatalf("start with MIGRATE_ON_START=false on %s: %v; want an error saying to run `items migrate`", state, err)
+		}
+		rawSQL(t, cfg, "CREATE SCHEMA IF NOT EXISTS "+cfg.DBSchema)
 	}
 	var out strings.Builder
 	if err := run(t.Context(), []string{"items", "migrate"}, noMigrate, &out); err != nil {
