@@ -392,22 +392,25 @@ const (
 func (s *Store) run(ctx context.Context, retry int, statement func(context.Context, *sql.Conn) error) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
+	// The connection is taken, and the statement run to its end, on a
+	// context that the client's hanging up does not end (the query
+	// timeout still does): a connection cancelled while pgx connects,
+	// pings it or runs a statement on it is closed, so a crowd of clients
+	// hanging up would make the pool reconnect all the time while the
+	// others wait. A request whose client left while it waited sends
+	// nothing. It also leaves a write's outcome known.
+	client := ctx
+	deadline, _ := ctx.Deadline()
+	ctx, cancel = context.WithDeadline(context.WithoutCancel(ctx), deadline)
+	defer cancel()
 	c, err := s.db.Conn(ctx)
-	if err == nil && ctx.Err() != nil { // the client left while it waited
+	if err == nil && client.Err() != nil {
 		c.Close()
-		err = ctx.Err()
+		err = client.Err()
 	}
 	if err != nil {
 		return s.classify(fmt.Errorf("%w: %w", ErrNotSent, err))
 	}
-	// Once sent, the statement runs to its end or the query timeout, even
-	// if the client hangs up: cancelled mid-statement, pgx closes the
-	// connection, so a crowd of clients hanging up would make the pool
-	// reconnect all the time, and other requests wait for connections
-	// until they time out. It also leaves a write's outcome known.
-	deadline, _ := ctx.Deadline()
-	ctx, cancel = context.WithDeadline(context.WithoutCancel(ctx), deadline)
-	defer cancel()
 	err = statement(ctx, c)
 	switch {
 	case err == nil || ctx.Err() != nil:

@@ -456,6 +456,9 @@ func TestTerminatedBackends(t *testing.T) {
 
 func TestCancellationStorm(t *testing.T) {
 	cfg := testConfig(t)
+	// A pool with room for every client, so that nobody waits for a
+	// connection: an error can then only come from the hang-ups.
+	cfg.DBMaxConns = 48
 	base, store := faultServer(t, cfg)
 	l := startLoad(t, base, 4)
 	l.running(t, 200)
