@@ -390,8 +390,6 @@ const (
 //
 // Its errors are classified (classify).
 func (s *Store) run(ctx context.Context, retry int, statement func(context.Context, *sql.Conn) error) error {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
 	// The connection is taken, and the statement run to its end, on a
 	// context that the client's hanging up does not end (the query
 	// timeout still does): a connection cancelled while pgx connects,
@@ -400,8 +398,7 @@ func (s *Store) run(ctx context.Context, retry int, statement func(context.Conte
 	// others wait. A request whose client left while it waited sends
 	// nothing. It also leaves a write's outcome known.
 	client := ctx
-	deadline, _ := ctx.Deadline()
-	ctx, cancel = context.WithDeadline(context.WithoutCancel(ctx), deadline)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.timeout)
 	defer cancel()
 	c, err := s.db.Conn(ctx)
 	if err == nil && client.Err() != nil {

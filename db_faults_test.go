@@ -20,7 +20,10 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"testing/fstest"
 	"time"
+
+	"github.com/pressly/goose/v3"
 )
 
 // PostgreSQL as a deployment meets it every month: online DDL, backends
@@ -391,23 +394,38 @@ func faultServer(t *testing.T, cfg Config) (string, *Store) {
 	return testServer(t, log, store, newTestCache(t, cfg, log)), store
 }
 
+// TestOnlineSchemaChange: migrations run while the service serves, each
+// as docs/migrations.md says to write one (SET LOCAL lock_timeout): a
+// column's type changed (which makes every connection's prepared
+// statements stale), a NOT NULL column added with a default, and the type
+// changed back. The clients see nothing.
 func TestOnlineSchemaChange(t *testing.T) {
 	cfg := testConfig(t)
 	base, store := faultServer(t, cfg)
 	l := startLoad(t, base, 8)
 	l.running(t, 500)
-	for _, ddl := range []string{
-		"ALTER TABLE items ALTER COLUMN name TYPE varchar(300)",
-		"ALTER TABLE items ADD COLUMN added_online text NOT NULL DEFAULT 'x'",
-		"ALTER TABLE items ALTER COLUMN name TYPE text",
+	files := fstest.MapFS{}
+	for i, ddl := range []string{
+		"ALTER TABLE items ALTER COLUMN name TYPE varchar(300);",
+		"ALTER TABLE items ADD COLUMN added_online text NOT NULL DEFAULT 'x';",
+		"ALTER TABLE items ALTER COLUMN name TYPE text;",
 	} {
-		if _, err := store.db.Exec(ddl); err != nil {
-			t.Fatalf("%s: %v", ddl, err)
+		name := fmt.Sprintf("%05d_online.sql", 100+i)
+		files[name] = &fstest.MapFile{Data: []byte("-- +goose Up\nSET LOCAL lock_timeout = '2s';\n" + ddl + "\n")}
+		p, err := goose.NewProvider(goose.DialectPostgres, store.db, files, goose.WithDisableGlobalRegistry(true), goose.WithAllowOutofOrder(true))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.Up(t.Context()); err != nil {
+			t.Fatalf("migration %s: %v", name, err)
 		}
 		l.running(t, 500)
 	}
 	if n, _ := l.report(t); n > 0 {
 		t.Errorf("%d client-visible errors during online schema changes; want 0", n)
+	}
+	if got := store.retries.Load(); got == 0 {
+		t.Error("no statement was retried: the type change did not make the prepared statements stale, so this test shows nothing")
 	}
 }
 
@@ -451,6 +469,31 @@ func TestTerminatedBackends(t *testing.T) {
 	// committed or not: the service says so (503) rather than run it twice.
 	if n, unknown := l.report(t); n > unknown {
 		t.Errorf("%d client-visible errors while backends were terminated, besides %d creates and deletes cut off mid-statement; want 0", n-unknown, unknown)
+	}
+}
+
+// TestIdleSessionTimeout: PostgreSQL ends sessions idle longer than
+// idle_session_timeout (as PgBouncer's server_idle_timeout, a cloud proxy
+// or a firewall do). Requests spaced wider than it, creates included, all
+// succeed, and without a retry: the pool finds each closed connection
+// before it sends anything on it (shouldPing).
+func TestIdleSessionTimeout(t *testing.T) {
+	pg := startPostgres(t, "idle_session_timeout = 100") // ms
+	cfg := pg.config(testConfig(t))
+	base, store := faultServer(t, cfg)
+	createItem(t, base, `{"name":"first"}`)
+	connects := store.connects.Load()
+	for range 8 {
+		time.Sleep(300 * time.Millisecond)
+		if res := do(t, "POST", base+"/items", `{"name":"after a pause"}`); res.status != http.StatusCreated {
+			t.Errorf("POST after the session timed out: %d %s; want 201", res.status, res.body)
+		}
+	}
+	if n := store.retries.Load(); n != 0 {
+		t.Errorf("%d statements retried; want 0: a closed connection should be found before use", n)
+	}
+	if n := store.connects.Load() - connects; n < 8 {
+		t.Errorf("%d connections made for 8 requests after a timeout each; want 8 (did the sessions time out?)", n)
 	}
 }
 
