@@ -25,7 +25,7 @@ type Config struct {
 	DBPassword       string        // DB_PASSWORD; never logged.
 	DBSchema         string        // DB_SCHEMA: created if missing and put first on search_path; empty keeps the server's default (public).
 	DBSSLMode        string        // DB_SSLMODE: libpq sslmode (disable, allow, prefer, require, verify-ca, verify-full).
-	DBMaxConns       int           // DB_MAX_CONNS: size of the connection pool; retries may open a quarter more (Store.run).
+	DBMaxConns       int           // DB_MAX_CONNS: size of the connection pool; retries may open a quarter more (Store.withConn).
 	DBConnectTimeout time.Duration // DB_CONNECT_TIMEOUT: how long startup waits for PostgreSQL.
 	DBQueryTimeout   time.Duration // DB_QUERY_TIMEOUT: bound on each query, including the wait for a pooled connection.
 	DBQueryExecMode  string        // DB_QUERY_EXEC_MODE: pgx's default_query_exec_mode; exec or simple_protocol behind PgBouncer in transaction mode.

@@ -285,7 +285,7 @@ func (s *Store) scanItem(row interface{ Scan(...any) error }) (Item, error) {
 // Create inserts it (its ID and Version aside) and returns it as stored,
 // with its new id and version 1.
 func (s *Store) Create(ctx context.Context, it Item) (stored Item, err error) {
-	err = s.run(ctx, atMostOnce, func(ctx context.Context, c *sql.Conn) error {
+	err = s.withConn(ctx, atMostOnce, func(ctx context.Context, c *sql.Conn) error {
 		stored, err = s.scanItem(c.QueryRowContext(ctx, insertItem, it.Name, it.Description))
 		return err
 	})
@@ -294,7 +294,7 @@ func (s *Store) Create(ctx context.Context, it Item) (stored Item, err error) {
 
 // Get returns the item with the given id, or ErrNotFound.
 func (s *Store) Get(ctx context.Context, id int64) (it Item, err error) {
-	err = s.run(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
+	err = s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
 		it, err = s.scanItem(c.QueryRowContext(ctx, selectItem, id))
 		return err
 	})
@@ -305,7 +305,7 @@ func (s *Store) Get(ctx context.Context, id int64) (it Item, err error) {
 // order: keyset pagination, so a page costs one index range scan however
 // deep it is, and rows created or deleted meanwhile never shift a page.
 func (s *Store) List(ctx context.Context, after int64, limit int) (list []Item, err error) {
-	err = s.run(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
+	err = s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
 		rows, err := c.QueryContext(ctx, selectItems, after, limit)
 		if err != nil {
 			return err
@@ -327,7 +327,7 @@ func (s *Store) List(ctx context.Context, after int64, limit int) (list []Item, 
 // Replace sets every field of item it.ID to it's (a nil description stores
 // NULL), adds one to its version and returns it as stored, or ErrNotFound.
 func (s *Store) Replace(ctx context.Context, it Item) (stored Item, err error) {
-	err = s.run(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
+	err = s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
 		stored, err = s.scanItem(c.QueryRowContext(ctx, replaceItem, it.ID, it.Name, it.Description))
 		return err
 	})
@@ -339,7 +339,7 @@ func (s *Store) Replace(ctx context.Context, it Item) (stored Item, err error) {
 // one statement, so concurrent patches of different fields never undo each
 // other.
 func (s *Store) Patch(ctx context.Context, id int64, in Input) (stored Item, err error) {
-	err = s.run(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
+	err = s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
 		stored, err = s.scanItem(c.QueryRowContext(ctx, patchItem,
 			id, in.Name.Set, in.Name.Value, in.Description.Set, in.Description.Value))
 		return err
@@ -351,7 +351,7 @@ func (s *Store) Patch(ctx context.Context, id int64, in Input) (stored Item, err
 // Only the version comes back: the delete has committed by then, so it
 // must not fail on a row it cannot read (a table made by hand may hold one).
 func (s *Store) Delete(ctx context.Context, id int64) (version int64, err error) {
-	err = s.run(ctx, atMostOnce, func(ctx context.Context, c *sql.Conn) error {
+	err = s.withConn(ctx, atMostOnce, func(ctx context.Context, c *sql.Conn) error {
 		return c.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version)
 	})
 	return version, err
@@ -369,7 +369,7 @@ const (
 	atMostOnce
 )
 
-// run runs statement on a pooled connection within the query timeout,
+// withConn runs statement on a pooled connection within the query timeout,
 // taking the connection first so that a write that never got one (or
 // whose client left while it waited) is known not to have happened
 // (ErrNotSent). The client sees no error for:
@@ -389,7 +389,7 @@ const (
 //     their FATAL message still on its way.
 //
 // Its errors are classified (classify).
-func (s *Store) run(ctx context.Context, retry int, statement func(context.Context, *sql.Conn) error) error {
+func (s *Store) withConn(ctx context.Context, retry int, statement func(context.Context, *sql.Conn) error) error {
 	// The connection is taken, and the statement run to its end, on a
 	// context that the client's hanging up does not end (the query
 	// timeout still does): a connection cancelled while pgx connects,

@@ -184,7 +184,7 @@ func (s *Items) Ready(ctx context.Context) (postgres, redis error) {
 // cache_bypasses (single-item reads by what the cache did), redis_errors
 // (commands that failed or were refused), postgres_errors (queries that
 // failed, "not found" aside), postgres_retries (statements run again after
-// a stale plan or a dead connection: see Store.run), postgres_connects
+// a stale plan or a dead connection: see Store.withConn), postgres_connects
 // (connections made: a figure that keeps growing means connections are
 // being lost), postgres_item_reads (queries for single-item
 // reads after a miss or a bypass: fewer than those when concurrent ones
