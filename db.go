@@ -97,6 +97,8 @@ var (
 // context, and returns ErrNotFound or an error wrapping ErrUnavailable where
 // those apply.
 type Store struct {
+	stop     context.Context // ended by Cut
+	cut      context.CancelFunc
 	db       *sql.DB
 	fresh    *sql.DB // keeps no idle connection: each of its connections is new
 	timeout  time.Duration
@@ -142,6 +144,7 @@ func openStore(ctx context.Context, cfg Config, log *slog.Logger) (*Store, error
 		return nil, fmt.Errorf("PostgreSQL settings: %w", err)
 	}
 	s := &Store{timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns}
+	s.stop, s.cut = context.WithCancel(context.Background())
 	counted := stdlib.OptionAfterConnect(func(context.Context, *pgx.Conn) error {
 		s.connects.Add(1)
 		return nil
@@ -216,7 +219,16 @@ func (s *Store) waitReady(ctx context.Context, cfg Config, log *slog.Logger) err
 }
 
 // Close closes the pool, waiting for queries in progress.
-func (s *Store) Close() error { return errors.Join(s.db.Close(), s.fresh.Close()) }
+func (s *Store) Close() error {
+	s.cut()
+	return errors.Join(s.db.Close(), s.fresh.Close())
+}
+
+// Cut ends every statement in flight now (see withConn: a client hanging
+// up does not), for a shutdown that ran out of time: their writes end with
+// an unknown outcome, so that their callers invalidate the cache before
+// the process exits, rather than commit after it, unseen.
+func (s *Store) Cut() { s.cut() }
 
 // Ping checks that PostgreSQL answers within the query timeout.
 func (s *Store) Ping(ctx context.Context) error {
@@ -230,16 +242,14 @@ func (s *Store) Ping(ctx context.Context) error {
 // in progress, or a server protecting a full disk). Errors: ErrReadOnly,
 // ErrUnavailable.
 func (s *Store) Writable(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
 	var readOnly string
-	if err := s.db.QueryRowContext(ctx, "SHOW transaction_read_only").Scan(&readOnly); err != nil {
-		return s.classify(err)
+	err := s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
+		return c.QueryRowContext(ctx, "SHOW transaction_read_only").Scan(&readOnly)
+	})
+	if err == nil && readOnly == "on" {
+		err = fmt.Errorf("%w: %w", ErrUnavailable, ErrReadOnly)
 	}
-	if readOnly == "on" {
-		return fmt.Errorf("%w: %w", ErrUnavailable, ErrReadOnly)
-	}
-	return nil
+	return err
 }
 
 // itemColumns is the column list of every query that returns items: Item's
@@ -396,9 +406,9 @@ func (s *Store) withConn(ctx context.Context, retry int, statement func(context.
 	// pings it or runs a statement on it is closed, so a crowd of clients
 	// hanging up would make the pool reconnect all the time while the
 	// others wait. A request whose client left while it waited sends
-	// nothing. It also leaves a write's outcome known.
+	// nothing. It also leaves a write's outcome known. Cut ends them.
 	client := ctx
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.timeout)
+	ctx, cancel := context.WithTimeout(s.stop, s.timeout)
 	defer cancel()
 	c, err := s.db.Conn(ctx)
 	if err == nil && client.Err() != nil {

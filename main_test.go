@@ -584,3 +584,54 @@ func TestLogWriter(t *testing.T) {
 		t.Errorf("output: %q; want the three lines in order", out.String())
 	}
 }
+
+// TestShutdownCutsWritesOff: a PUT still waiting on PostgreSQL (a locked
+// table) when SHUTDOWN_TIMEOUT ends is cut off with its statement, and
+// invalidates the item before the process exits: PostgreSQL may still
+// apply it once the lock goes, and Redis must not then serve the old
+// value. Found by a review: once statements stopped ending when their
+// client hung up, the process exited with the write in flight, unseen.
+func TestShutdownCutsWritesOff(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	store := newTestStore(t, cfg, log)
+	cache := newTestCache(t, cfg, log)
+	it, err := store.Create(t.Context(), Item{Name: "old"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DBQueryTimeout = 4 * time.Second
+	cfg.ShutdownTimeout = time.Second
+	base, cmd, exited := startProcess(t, cfg, "")
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	// pgx prepares a statement on its first use, and the prepare would
+	// wait for the lock too; with it prepared, the PUT below is executed,
+	// and commits once the lock goes, whoever still listens.
+	do(t, "PUT", url, `{"name":"old"}`)
+	do(t, "GET", url, "")
+	if h := do(t, "GET", url, "").header.Get("X-Cache"); h != "HIT" {
+		t.Fatalf("priming the cache: X-Cache %s; want HIT", h)
+	}
+	unlock := lockItems(t, cfg)
+	go func() {
+		req, _ := http.NewRequest("PUT", url, strings.NewReader(`{"name":"new"}`))
+		req.Header.Set("Content-Type", "application/json")
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	time.Sleep(300 * time.Millisecond) // the UPDATE waits for the lock
+	cmd.Process.Signal(syscall.SIGTERM)
+	<-exited
+	unlock()
+	time.Sleep(300 * time.Millisecond)
+	got, err := store.Get(t.Context(), it.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, outcome, _ := cache.Get(t.Context(), it.ID)
+	t.Logf("PostgreSQL: %q; Redis: %s %s", got.Name, outcome, body)
+	if outcome == Hit && !strings.Contains(string(body), got.Name) {
+		t.Errorf("Redis serves %s while PostgreSQL holds %q", body, got.Name)
+	}
+}
