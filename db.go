@@ -93,8 +93,10 @@ var (
 )
 
 // Store is the items table behind a bounded pool of PostgreSQL connections.
-// Every method bounds its query by DB_QUERY_TIMEOUT on top of the caller's
-// context, and returns ErrNotFound or an error wrapping ErrUnavailable where
+// Every method's statement runs on a context of the Store's own (ended by
+// Cut), bounded by DB_QUERY_TIMEOUT; the caller's context only decides
+// whether a statement is sent once a connection is had (see withConn).
+// Methods return ErrNotFound or an error wrapping ErrUnavailable where
 // those apply.
 type Store struct {
 	stop     context.Context // ended by Cut
@@ -218,7 +220,8 @@ func (s *Store) waitReady(ctx context.Context, cfg Config, log *slog.Logger) err
 	}
 }
 
-// Close closes the pool, waiting for queries in progress.
+// Close cuts the statements still running (as Cut does) and closes both
+// pools. run calls it once no request is left, or after Cut.
 func (s *Store) Close() error {
 	s.cut()
 	return errors.Join(s.db.Close(), s.fresh.Close())
@@ -406,7 +409,8 @@ func (s *Store) withConn(ctx context.Context, retry int, statement func(context.
 	// pings it or runs a statement on it is closed, so a crowd of clients
 	// hanging up would make the pool reconnect all the time while the
 	// others wait. A request whose client left while it waited sends
-	// nothing. It also leaves a write's outcome known. Cut ends them.
+	// nothing (single-item reads are shared, so their context never ends:
+	// see Items.Get). It also leaves a write's outcome known. Cut ends them.
 	client := ctx
 	ctx, cancel := context.WithTimeout(s.stop, s.timeout)
 	defer cancel()
