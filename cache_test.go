@@ -601,9 +601,9 @@ func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			sqlFiles, _ := filepath.Glob("migrations/*.sql")
+			migrationFiles, _ := filepath.Glob("migrations/*")
 			os.Mkdir(filepath.Join(dir, "migrations"), 0o755)
-			for _, f := range append(append(files, sqlFiles...), "go.mod", "go.sum") {
+			for _, f := range append(append(files, migrationFiles...), "go.mod", "go.sum", "schema.sql") {
 				b, err := os.ReadFile(f)
 				if err != nil {
 					t.Fatal(err)

@@ -25,7 +25,7 @@ import (
 // sends: {"id":1,"name":"...","description":"..." or null}. Each field's db
 // tag names its column; itemColumns and scanItem follow those tags, so a
 // field is declared here once. Version counts the row's writes
-// (migrations/00001_items.sql) and is not part of the API.
+// (schema.sql) and is not part of the API.
 //
 // To add a field: its column in a new migration; a field here with a db tag (ID
 // stays first: the cache checks that a value is its item's by the opening

@@ -13,14 +13,21 @@ import (
 	"github.com/pressly/goose/v3/lock"
 )
 
-// migrations are the schema's changes, forward only: migrations/NNNNN_name.sql,
-// applied in the order of their numbers, each in a transaction of its own
-// unless it says `-- +goose NO TRANSACTION` (CREATE INDEX CONCURRENTLY),
-// and recorded in the table goose_db_version. Never edit one that has been
-// released: add the next. docs/migrations.md says how to write one that old
-// and new replicas can both run during a rolling update.
+// schemaSQL is version 1 of the schema, the original design's schema.sql,
+// run once as a migration of its own.
 //
-//go:embed migrations/*.sql
+//go:embed schema.sql
+var schemaSQL string
+
+// migrations are the schema's later changes, forward only:
+// migrations/NNNNN_name.sql from 00002, applied in the order of their
+// numbers, each in a transaction of its own unless it says
+// `-- +goose NO TRANSACTION` (CREATE INDEX CONCURRENTLY). goose records
+// every version applied in the table goose_db_version. Never edit one that
+// has been released: add the next. docs/migrations.md says how to write one
+// that old and new replicas can both run during a rolling update.
+//
+//go:embed migrations
 var migrations embed.FS
 
 // migrate applies the pending migrations to db (in schema, created first
@@ -45,7 +52,11 @@ func migrate(ctx context.Context, db *sql.DB, schema string, log *slog.Logger) e
 	}
 	results, err := p.Up(ctx)
 	for _, r := range results {
-		log.Info("migrated", "version", r.Source.Version, "file", r.Source.Path, "duration", r.Duration)
+		file := r.Source.Path
+		if r.Source.Type == goose.TypeGo {
+			file = "schema.sql" // version 1
+		}
+		log.Info("migrated", "version", r.Source.Version, "file", file, "duration", r.Duration)
 	}
 	if err != nil {
 		return fmt.Errorf("migrate: %w", err)
@@ -105,7 +116,11 @@ func migrator(db *sql.DB, schema string) (*goose.Provider, error) {
 	if err != nil {
 		return nil, err
 	}
-	return goose.NewProvider(goose.DialectPostgres, db, files,
+	version1 := goose.NewGoMigration(1, &goose.GoFunc{RunTx: func(ctx context.Context, tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, schemaSQL)
+		return err
+	}}, nil)
+	return goose.NewProvider(goose.DialectPostgres, db, files, goose.WithGoMigrations(version1),
 		goose.WithSessionLocker(locker), goose.WithDisableGlobalRegistry(true))
 }
 
