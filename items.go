@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
@@ -33,6 +34,9 @@ type Items struct {
 	waiting atomic.Int64 // requests now waiting for such a query
 	// outcomes counts the single-item reads by what the cache did.
 	outcomes map[Outcome]*atomic.Int64
+	// writing counts the writes in flight, that cache invalidation needs
+	// to know of, for a shutdown that cuts them off (WaitWrites).
+	writing sync.WaitGroup
 }
 
 func newItems(store *Store, cache *Cache) *Items {
@@ -122,6 +126,8 @@ func (s *Items) Replace(ctx context.Context, id int64, in Input) (Item, error) {
 	if err := in.check(id, true); err != nil {
 		return Item{}, err
 	}
+	s.writing.Add(1)
+	defer s.writing.Done()
 	it, err := s.store.Replace(ctx, in.item(id))
 	s.written(ctx, id, it.Version, err)
 	return it, err
@@ -132,6 +138,8 @@ func (s *Items) Patch(ctx context.Context, id int64, in Input) (Item, error) {
 	if err := in.check(id, false); err != nil {
 		return Item{}, err
 	}
+	s.writing.Add(1)
+	defer s.writing.Done()
 	it, err := s.store.Patch(ctx, id, in)
 	s.written(ctx, id, it.Version, err)
 	return it, err
@@ -139,6 +147,8 @@ func (s *Items) Patch(ctx context.Context, id int64, in Input) (Item, error) {
 
 // Delete deletes item id. Errors: ErrNotFound, ErrUnavailable.
 func (s *Items) Delete(ctx context.Context, id int64) error {
+	s.writing.Add(1)
+	defer s.writing.Done()
 	version, err := s.store.Delete(ctx, id)
 	s.written(ctx, id, version+1, err)
 	return err
@@ -158,6 +168,21 @@ func (s *Items) written(ctx context.Context, id, floor int64, err error) {
 	}
 	s.cache.Invalidate(context.WithoutCancel(ctx), id, floor)
 	s.writes[uint64(id)%uint64(len(s.writes))].Add(1)
+}
+
+// WaitWrites waits, for at most d, for the writes in flight to return and
+// invalidate their items: after Store.Cut, at a shutdown that ran out of
+// time, so that none is left unseen when the process exits.
+func (s *Items) WaitWrites(d time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		s.writing.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+	}
 }
 
 // flightKey names the shared read of item id by the requests that saw

@@ -5,7 +5,7 @@
 // http.go (routes, handlers, JSON, errors, the request log), items.go
 // (cache-aside reads, invalidation after writes, validation), cache.go and
 // cache_outages.go (Redis), db.go (PostgreSQL), migrate.go (the schema's
-// migrations, in migrations/), config.go (the environment).
+// migrations: schema.sql, then migrations/), config.go (the environment).
 package main
 
 import (
@@ -98,9 +98,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	draining := newDrainer()
 	defer draining.cancel() // releases the context if shutdown never began
 	var fresh sync.Map      // connections with no request yet: net.Conn -> true
-	var handlers running
+	items := newItems(store, cache)
 	srv := &http.Server{
-		Handler:           handlers.count(newServer(log, newItems(store, cache))),
+		Handler:           newServer(log, items),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       15 * time.Second,
 		WriteTimeout:      cfg.DBQueryTimeout + 15*time.Second,
@@ -149,11 +149,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		// Cut the requests off, and their statements: a write still
 		// running in PostgreSQL could commit after the process exits and
 		// never invalidate the cache. Cut, it ends with an unknown outcome,
-		// and its handler invalidates it (one Redis call, bounded by
+		// and invalidates its item (one Redis call, bounded by
 		// REDIS_TIMEOUT) before the cache is closed.
 		srv.Close()
 		store.Cut()
-		handlers.waitAtMost(cfg.RedisTimeout + time.Second)
+		items.WaitWrites(cfg.RedisTimeout + time.Second)
 		return fmt.Errorf("shutdown: requests still running after SHUTDOWN_TIMEOUT=%s were cut off: %w", cfg.ShutdownTimeout, err)
 	}
 	if err := <-serveErr; !errors.Is(err, http.ErrServerClosed) {
@@ -161,31 +161,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	}
 	log.Info("stopped")
 	return nil
-}
-
-// running counts the handlers running, for a shutdown that cuts them off
-// to wait for their last steps.
-type running struct{ sync.WaitGroup }
-
-func (r *running) count(h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		r.Add(1)
-		defer r.Done()
-		h.ServeHTTP(w, req)
-	})
-}
-
-// waitAtMost waits for the handlers to return, or for d.
-func (r *running) waitAtMost(d time.Duration) {
-	done := make(chan struct{})
-	go func() {
-		r.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(d):
-	}
 }
 
 // newLogger is slog in the LOG_FORMAT and at the LOG_LEVEL of cfg.
