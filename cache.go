@@ -42,7 +42,7 @@ const (
 // at Facebook", NSDI 2013, section 3.2.1); the row version plays the lease
 // token's part here, with no extra round trip.
 type Cache struct {
-	rdb          *redis.Client
+	rdb          redis.UniversalClient // one server, or the master that Sentinels name
 	prefix       string        // CACHE_KEY_PREFIX
 	shape        string        // names the JSON of the bodies cached (see value)
 	ttl          time.Duration // CACHE_TTL
@@ -53,6 +53,8 @@ type Cache struct {
 
 // newCache makes a Redis client that fails fast: REDIS_TIMEOUT for dial,
 // read and write and pool wait, one dial attempt and no command retries.
+// With REDIS_SENTINEL_ADDRS it is go-redis's failover client, which finds
+// the master through Sentinel; the cache code is the same for both.
 // It does not connect; Redis may be absent at startup and appear later.
 // shape names the JSON of the bodies the caller caches: a value of another
 // shape is a miss.
@@ -70,8 +72,9 @@ func newCache(cfg Config, shape string, log *slog.Logger) *Cache {
 		tombstoneTTL: max(10*time.Second, 2*(fillWindow+2*cfg.RedisTimeout)),
 		outages:      newOutages(cfg, log),
 	}
-	c.rdb = redis.NewClient(&redis.Options{
-		Addr:            cfg.redisAddr(),
+	opts := &redis.UniversalOptions{
+		Addrs:           []string{cfg.redisAddr()},
+		Username:        cfg.RedisUsername,
 		Password:        cfg.RedisPassword,
 		DB:              cfg.RedisDB,
 		DialTimeout:     cfg.RedisTimeout,
@@ -85,7 +88,16 @@ func newCache(cfg Config, shape string, log *slog.Logger) *Cache {
 		// server; "auto" would send an extra command on every new connection.
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
 		OnConnect:                c.onConnect,
-	})
+	}
+	if addrs := cfg.sentinelAddrs(); addrs != nil {
+		// go-redis's failover client asks the Sentinels for the master,
+		// subscribes to their +switch-master events and then closes its
+		// connections to the old master, so the next command reaches the
+		// new one (and onConnect sees a new run_id).
+		opts.Addrs, opts.MasterName = addrs, cfg.RedisMasterName
+		opts.SentinelUsername, opts.SentinelPassword = cfg.RedisSentinelUsername, cfg.RedisSentinelPassword
+	}
+	c.rdb = redis.NewUniversalClient(opts)
 	return c
 }
 

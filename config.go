@@ -33,7 +33,15 @@ type Config struct {
 
 	RedisHost     string        // REDIS_HOST
 	RedisPort     int           // REDIS_PORT
+	RedisUsername string        // REDIS_USERNAME: an ACL user (Redis 6+); empty is the default user.
 	RedisPassword string        // REDIS_PASSWORD; never logged.
+	// REDIS_SENTINEL_ADDRS: host:port of each Sentinel, comma-separated. When
+	// set, the cache asks them for the master named REDIS_MASTER_NAME and
+	// follows its failovers; REDIS_HOST and REDIS_PORT are then unused.
+	RedisSentinelAddrs    string
+	RedisMasterName       string // REDIS_MASTER_NAME
+	RedisSentinelUsername string // REDIS_SENTINEL_USERNAME
+	RedisSentinelPassword string // REDIS_SENTINEL_PASSWORD; never logged.
 	RedisDB       int           // REDIS_DB: logical database number.
 	RedisTimeout  time.Duration // REDIS_TIMEOUT: dial, read and write timeout of each Redis call.
 	RedisRetry    time.Duration // REDIS_RETRY_INTERVAL: after a Redis failure, how long the cache is bypassed before Redis is probed again.
@@ -68,7 +76,12 @@ func loadConfig(getenv func(string) string) (Config, error) {
 
 		RedisHost:     p.str("REDIS_HOST", "localhost"),
 		RedisPort:     p.port("REDIS_PORT", 6379, false),
+		RedisUsername: p.str("REDIS_USERNAME", ""),
 		RedisPassword: p.str("REDIS_PASSWORD", ""),
+		RedisSentinelAddrs:    p.str("REDIS_SENTINEL_ADDRS", ""),
+		RedisMasterName:       p.str("REDIS_MASTER_NAME", "mymaster"),
+		RedisSentinelUsername: p.str("REDIS_SENTINEL_USERNAME", ""),
+		RedisSentinelPassword: p.str("REDIS_SENTINEL_PASSWORD", ""),
 		RedisDB:       p.intRange("REDIS_DB", 0, 0, 15),
 		RedisTimeout:  p.duration("REDIS_TIMEOUT", 200*time.Millisecond),
 		RedisRetry:    p.duration("REDIS_RETRY_INTERVAL", time.Second),
@@ -87,6 +100,12 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	for _, h := range strings.Split(c.DBHost, ",") {
 		if host, port := splitHostPort(h); !validHost(host) || port != "" && !validPort(port) {
 			p.fail("DB_HOST", c.DBHost, "must be a host or a comma-separated list of hosts, each with an optional :port")
+			break
+		}
+	}
+	for _, a := range c.sentinelAddrs() {
+		if host, port := splitHostPort(a); !validHost(host) || !validPort(port) {
+			p.fail("REDIS_SENTINEL_ADDRS", getenv("REDIS_SENTINEL_ADDRS"), "must be a comma-separated list of host:port (Sentinel's port is usually 26379)")
 			break
 		}
 	}
@@ -118,7 +137,12 @@ func (c Config) LogValue() slog.Value {
 		slog.Bool("MIGRATE_ON_START", c.MigrateOnStart),
 		slog.String("REDIS_HOST", c.RedisHost),
 		slog.Int("REDIS_PORT", c.RedisPort),
+		slog.String("REDIS_USERNAME", c.RedisUsername),
 		slog.Bool("REDIS_PASSWORD_SET", c.RedisPassword != ""),
+		slog.String("REDIS_SENTINEL_ADDRS", c.RedisSentinelAddrs),
+		slog.String("REDIS_MASTER_NAME", c.RedisMasterName),
+		slog.String("REDIS_SENTINEL_USERNAME", c.RedisSentinelUsername),
+		slog.Bool("REDIS_SENTINEL_PASSWORD_SET", c.RedisSentinelPassword != ""),
 		slog.Int("REDIS_DB", c.RedisDB),
 		slog.Duration("REDIS_TIMEOUT", c.RedisTimeout),
 		slog.Duration("REDIS_RETRY_INTERVAL", c.RedisRetry),
@@ -168,9 +192,25 @@ func validPort(s string) bool {
 	return err == nil && n >= 1 && n <= 65535
 }
 
-// redisAddr is REDIS_HOST:REDIS_PORT, bracketing an IPv6 host.
+// redisAddr is REDIS_HOST:REDIS_PORT, bracketing an IPv6 host, or the
+// master's name and its Sentinels, for logs.
 func (c Config) redisAddr() string {
+	if c.RedisSentinelAddrs != "" {
+		return c.RedisMasterName + " via sentinels " + strings.Join(c.sentinelAddrs(), ",")
+	}
 	return net.JoinHostPort(c.RedisHost, strconv.Itoa(c.RedisPort))
+}
+
+// sentinelAddrs is REDIS_SENTINEL_ADDRS as a list of host:port, or nil.
+func (c Config) sentinelAddrs() []string {
+	if strings.TrimSpace(c.RedisSentinelAddrs) == "" {
+		return nil
+	}
+	addrs := strings.Split(c.RedisSentinelAddrs, ",")
+	for i, a := range addrs {
+		addrs[i] = strings.TrimSpace(a)
+	}
+	return addrs
 }
 
 // envParser reads variables and collects one error per invalid value.
