@@ -43,11 +43,11 @@ const (
 // token's part here, with no extra round trip.
 type Cache struct {
 	rdb          redis.UniversalClient // one server, or the master that Sentinels name
-	prefix       string        // CACHE_KEY_PREFIX
-	shape        string        // names the JSON of the bodies cached (see value)
-	ttl          time.Duration // CACHE_TTL
-	fillWindow   time.Duration // the longest a fill may come after its read began
-	tombstoneTTL time.Duration // long enough to outlive fillWindow
+	prefix       string                // CACHE_KEY_PREFIX
+	shape        string                // names the JSON of the bodies cached (see value)
+	ttl          time.Duration         // CACHE_TTL
+	fillWindow   time.Duration         // the longest a fill may come after its read began
+	tombstoneTTL time.Duration         // long enough to outlive fillWindow
 	outages      *outages
 }
 
@@ -109,35 +109,36 @@ func (c *Cache) Key(id int64) string {
 // Get returns the cached body of item id with Hit, or nil with Miss (no
 // such key, a tombstone, a value this build did not write for this item, or
 // a key of another type, WRONGTYPE, which the next Fill replaces) or Bypass
-// (Redis not asked, or it failed). On a Miss, seen is the version of the
-// tombstone or value Redis holds (0 if none): a write has committed at
-// least that version, so a read of the item must not be older. Invalidations
-// missed earlier are done first; until they succeed, Redis is not read.
-func (c *Cache) Get(ctx context.Context, id int64) (body []byte, outcome Outcome, seen int64) {
+// (Redis not asked, or it failed, or it may not be read yet: see outages).
+// Invalidations missed earlier are done first; until they succeed, Redis
+// is not read.
+func (c *Cache) Get(ctx context.Context, id int64) (body []byte, outcome Outcome) {
 	if !c.outages.usable() || !c.flushMissed(ctx) {
-		return nil, Bypass, 0
+		return nil, Bypass
 	}
 	v, err := c.rdb.Get(ctx, c.Key(id)).Bytes()
 	switch {
-	case err == nil && c.outages.quarantined():
-		// The GET was the first on a new connection to a restarted Redis.
-		return nil, Bypass, 0
-	case err == nil:
+	case err == nil || errors.Is(err, redis.Nil):
 		c.outages.ok()
-		if body, ok := c.body(v, id); ok {
-			return body, Hit, 0
+		if !c.outages.readable() {
+			// The GET was the first on a new connection to a restarted
+			// Redis, or the first after an outage, before the relay has
+			// brought Redis up to date with the outbox.
+			return nil, Bypass
 		}
-		seen, _ = strconv.ParseInt(string(v[:max(0, bytes.IndexByte(v, ':'))]), 10, 64)
-		return nil, Miss, seen
-	case errors.Is(err, redis.Nil):
-		c.outages.ok()
-		return nil, Miss, 0
+		if err != nil {
+			return nil, Miss
+		}
+		if body, ok := c.body(v, id); ok {
+			return body, Hit
+		}
+		return nil, Miss
 	case redis.HasErrorPrefix(err, "WRONGTYPE"):
 		c.outages.refused("GET", c.Key(id), err)
-		return nil, Miss, 0
+		return nil, Miss
 	}
 	c.outages.failed(ctx, "GET", err)
-	return nil, Bypass, 0
+	return nil, Bypass
 }
 
 // Fill caches body, the JSON of item id at version, with the TTL, unless
@@ -180,6 +181,20 @@ func (c *Cache) Invalidate(ctx context.Context, id, floor int64) {
 		return
 	}
 	c.outages.ok()
+}
+
+// Apply does the invalidations of a sweep of the outbox (item id -> floor),
+// or fails without asking Redis while it is bypassed.
+func (c *Cache) Apply(ctx context.Context, floors map[int64]int64) error {
+	if !c.outages.allow() {
+		return errCacheBypassed
+	}
+	if err := c.invalidate(ctx, floors); err != nil {
+		c.outages.failed(ctx, "outbox", err)
+		return err
+	}
+	c.outages.ok()
+	return nil
 }
 
 // unknownVersion is the floor of an invalidation after a write whose

@@ -39,8 +39,13 @@ type outages struct {
 
 	downUntil       atomic.Int64 // zero while Redis is healthy; else when it may be asked again, Unix ns
 	quarantineUntil atomic.Int64 // Unix ns
-	lastWarning     atomic.Int64 // when warnRarely last logged, Unix ns
-	errors          atomic.Int64 // Redis commands that failed or were refused
+	// heldSince is when Redis was last found possibly behind the outbox
+	// (when the relay began, and when Redis came back after an outage),
+	// Unix ns; zero once a whole sweep of the outbox begun later has ended.
+	heldSince   atomic.Int64
+	kick        chan struct{} // asks the relay to sweep now
+	lastWarning atomic.Int64  // when warnRarely last logged, Unix ns
+	errors      atomic.Int64  // Redis commands that failed or were refused
 
 	mu         sync.Mutex
 	runID      string          // of the Redis server last connected to
@@ -52,7 +57,7 @@ type outages struct {
 
 func newOutages(cfg Config, log *slog.Logger) *outages {
 	return &outages{log: log, addr: cfg.redisAddr(), retry: cfg.RedisRetry, ttl: cfg.CacheTTL,
-		maxMissed: 100_000, missed: map[int64]int64{}}
+		maxMissed: 100_000, missed: map[int64]int64{}, kick: make(chan struct{}, 1)}
 }
 
 // allow reports whether Redis may be asked now. While it is down, the first
@@ -70,12 +75,37 @@ func (o *outages) allow() bool {
 	return o.downUntil.CompareAndSwap(until, now+int64(o.retry))
 }
 
-// ok records that Redis answered.
+// ok records that Redis answered. After an outage, Redis is not read
+// until the relay has applied the outbox, which may hold invalidations
+// that no replica could deliver meanwhile.
 func (o *outages) ok() {
 	if until := o.downUntil.Load(); until != 0 && o.downUntil.CompareAndSwap(until, 0) {
-		o.log.Info("redis is back; cache re-enabled", "addr", o.addr)
+		o.hold()
+		o.log.Info("redis is back; cache re-enabled once the outbox is applied", "addr", o.addr)
 	}
 }
+
+// hold keeps Redis unread until a sweep of the outbox that begins after
+// now has ended (release), and asks the relay for one.
+func (o *outages) hold() {
+	o.heldSince.Store(time.Now().UnixNano())
+	select {
+	case o.kick <- struct{}{}:
+	default:
+	}
+}
+
+// release ends a hold that began before sweepStart, when a sweep of the
+// whole outbox that began then has ended.
+func (o *outages) release(sweepStart time.Time) {
+	if h := o.heldSince.Load(); h != 0 && h < sweepStart.UnixNano() {
+		o.heldSince.CompareAndSwap(h, 0)
+	}
+}
+
+// readable reports whether a value Redis returned may be served: Redis is
+// neither quarantined nor held.
+func (o *outages) readable() bool { return o.heldSince.Load() == 0 && !o.quarantined() }
 
 // failed records that Redis did not answer op: it is bypassed for the retry
 // interval, unless the client went away, which says nothing about Redis.

@@ -30,21 +30,22 @@ type Config struct {
 	DBQueryTimeout   time.Duration // DB_QUERY_TIMEOUT: bound on each query, including the wait for a pooled connection.
 	DBQueryExecMode  string        // DB_QUERY_EXEC_MODE: pgx's default_query_exec_mode; exec or simple_protocol behind PgBouncer in transaction mode.
 	MigrateOnStart   bool          // MIGRATE_ON_START: apply pending migrations at startup (true), or only check that none is pending (false).
+	OutboxInterval   time.Duration // OUTBOX_POLL_INTERVAL: how often each replica applies the cache outbox to Redis; bounds how long an invalidation its writer could not deliver takes.
 
-	RedisHost     string        // REDIS_HOST
-	RedisPort     int           // REDIS_PORT
-	RedisUsername string        // REDIS_USERNAME: an ACL user (Redis 6+); empty is the default user.
-	RedisPassword string        // REDIS_PASSWORD; never logged.
+	RedisHost     string // REDIS_HOST
+	RedisPort     int    // REDIS_PORT
+	RedisUsername string // REDIS_USERNAME: an ACL user (Redis 6+); empty is the default user.
+	RedisPassword string // REDIS_PASSWORD; never logged.
 	// REDIS_SENTINEL_ADDRS: host:port of each Sentinel, comma-separated. When
 	// set, the cache asks them for the master named REDIS_MASTER_NAME and
 	// follows its failovers; REDIS_HOST and REDIS_PORT are then unused.
 	RedisSentinelAddrs    string
-	RedisMasterName       string // REDIS_MASTER_NAME
-	RedisSentinelUsername string // REDIS_SENTINEL_USERNAME
-	RedisSentinelPassword string // REDIS_SENTINEL_PASSWORD; never logged.
-	RedisDB       int           // REDIS_DB: logical database number.
-	RedisTimeout  time.Duration // REDIS_TIMEOUT: dial, read and write timeout of each Redis call.
-	RedisRetry    time.Duration // REDIS_RETRY_INTERVAL: after a Redis failure, how long the cache is bypassed before Redis is probed again.
+	RedisMasterName       string        // REDIS_MASTER_NAME
+	RedisSentinelUsername string        // REDIS_SENTINEL_USERNAME
+	RedisSentinelPassword string        // REDIS_SENTINEL_PASSWORD; never logged.
+	RedisDB               int           // REDIS_DB: logical database number.
+	RedisTimeout          time.Duration // REDIS_TIMEOUT: dial, read and write timeout of each Redis call.
+	RedisRetry            time.Duration // REDIS_RETRY_INTERVAL: after a Redis failure, how long the cache is bypassed before Redis is probed again.
 
 	CacheTTL       time.Duration // CACHE_TTL: lifetime of a cached item.
 	CacheKeyPrefix string        // CACHE_KEY_PREFIX: cached items live at prefix+id.
@@ -73,18 +74,19 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		DBQueryTimeout:   p.duration("DB_QUERY_TIMEOUT", 3*time.Second),
 		DBQueryExecMode:  p.oneOf("DB_QUERY_EXEC_MODE", "cache_statement", "cache_statement", "cache_describe", "describe_exec", "exec", "simple_protocol"),
 		MigrateOnStart:   p.boolean("MIGRATE_ON_START", true),
+		OutboxInterval:   p.duration("OUTBOX_POLL_INTERVAL", 250*time.Millisecond),
 
-		RedisHost:     p.str("REDIS_HOST", "localhost"),
-		RedisPort:     p.port("REDIS_PORT", 6379, false),
-		RedisUsername: p.str("REDIS_USERNAME", ""),
-		RedisPassword: p.str("REDIS_PASSWORD", ""),
+		RedisHost:             p.str("REDIS_HOST", "localhost"),
+		RedisPort:             p.port("REDIS_PORT", 6379, false),
+		RedisUsername:         p.str("REDIS_USERNAME", ""),
+		RedisPassword:         p.str("REDIS_PASSWORD", ""),
 		RedisSentinelAddrs:    p.str("REDIS_SENTINEL_ADDRS", ""),
 		RedisMasterName:       p.str("REDIS_MASTER_NAME", "mymaster"),
 		RedisSentinelUsername: p.str("REDIS_SENTINEL_USERNAME", ""),
 		RedisSentinelPassword: p.str("REDIS_SENTINEL_PASSWORD", ""),
-		RedisDB:       p.intRange("REDIS_DB", 0, 0, 15),
-		RedisTimeout:  p.duration("REDIS_TIMEOUT", 200*time.Millisecond),
-		RedisRetry:    p.duration("REDIS_RETRY_INTERVAL", time.Second),
+		RedisDB:               p.intRange("REDIS_DB", 0, 0, 15),
+		RedisTimeout:          p.duration("REDIS_TIMEOUT", 200*time.Millisecond),
+		RedisRetry:            p.duration("REDIS_RETRY_INTERVAL", time.Second),
 
 		CacheTTL:       p.duration("CACHE_TTL", 60*time.Second),
 		CacheKeyPrefix: p.str("CACHE_KEY_PREFIX", "item:"),
@@ -135,6 +137,7 @@ func (c Config) LogValue() slog.Value {
 		slog.Duration("DB_QUERY_TIMEOUT", c.DBQueryTimeout),
 		slog.String("DB_QUERY_EXEC_MODE", c.DBQueryExecMode),
 		slog.Bool("MIGRATE_ON_START", c.MigrateOnStart),
+		slog.Duration("OUTBOX_POLL_INTERVAL", c.OutboxInterval),
 		slog.String("REDIS_HOST", c.RedisHost),
 		slog.Int("REDIS_PORT", c.RedisPort),
 		slog.String("REDIS_USERNAME", c.RedisUsername),

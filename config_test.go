@@ -26,7 +26,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 		RedisHost: "localhost", RedisPort: 6379, RedisTimeout: 200 * time.Millisecond, RedisRetry: time.Second,
 		CacheTTL: time.Minute, CacheKeyPrefix: "item:", ShutdownTimeout: 5 * time.Second,
 		LogLevel: slog.LevelInfo, LogFormat: "text", DBQueryExecMode: "cache_statement", MigrateOnStart: true,
-		RedisMasterName: "mymaster",
+		RedisMasterName: "mymaster", OutboxInterval: 250 * time.Millisecond,
 	}
 	if cfg != want {
 		t.Errorf("defaults:\ngot  %+v\nwant %+v", cfg, want)

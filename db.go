@@ -105,10 +105,13 @@ type Store struct {
 	fresh    *sql.DB // keeps no idle connection: each of its connections is new
 	timeout  time.Duration
 	maxConns int
-	lastDrop atomic.Int64 // when idle connections were last dropped, Unix ns
-	errors   atomic.Int64 // queries that failed, not counting "not found"
-	retries  atomic.Int64 // statements run again after a stale plan or a dead connection
-	connects atomic.Int64 // connections made, by both pools
+	// outboxInterval is OUTBOX_POLL_INTERVAL: how often each replica's
+	// relay sweeps the outbox (outbox.go).
+	outboxInterval time.Duration
+	lastDrop       atomic.Int64 // when idle connections were last dropped, Unix ns
+	errors         atomic.Int64 // queries that failed, not counting "not found"
+	retries        atomic.Int64 // statements run again after a stale plan or a dead connection
+	connects       atomic.Int64 // connections made, by both pools
 }
 
 // dsn builds the connection URL for pgx from the DB_* settings. With
@@ -145,7 +148,7 @@ func openStore(ctx context.Context, cfg Config, log *slog.Logger) (*Store, error
 	if err != nil {
 		return nil, fmt.Errorf("PostgreSQL settings: %w", err)
 	}
-	s := &Store{timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns}
+	s := &Store{timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns, outboxInterval: cfg.OutboxInterval}
 	s.stop, s.cut = context.WithCancel(context.Background())
 	counted := stdlib.OptionAfterConnect(func(context.Context, *pgx.Conn) error {
 		s.connects.Add(1)
@@ -267,13 +270,30 @@ var (
 	insertItem  = "INSERT INTO items (name, description) VALUES ($1, $2) RETURNING " + itemColumns
 	selectItem  = "SELECT " + itemColumns + " FROM items WHERE id = $1::bigint"
 	selectItems = "SELECT " + itemColumns + " FROM items WHERE id > $1::bigint ORDER BY id LIMIT $2"
-	replaceItem = "UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint RETURNING " + itemColumns
-	patchItem   = `UPDATE items SET
+	replaceItem = withOutbox("UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint")
+	patchItem   = withOutbox(`UPDATE items SET
 			name = CASE WHEN $2 THEN $3 ELSE name END,
 			description = CASE WHEN $4 THEN $5 ELSE description END,
 			version = version + 1
-		WHERE id = $1::bigint RETURNING ` + itemColumns
+		WHERE id = $1::bigint`)
+	deleteItem = `WITH d AS (DELETE FROM items WHERE id = $1::bigint RETURNING id, version),
+		o AS (INSERT INTO cache_outbox (item_id, floor) SELECT id, version + 1 FROM d)
+		SELECT version FROM d`
+	// sweepOutbox takes rows of the outbox that no other relay holds, oldest
+	// first, and deletes them when its transaction commits.
+	sweepOutbox = `DELETE FROM cache_outbox WHERE id IN
+		(SELECT id FROM cache_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+		RETURNING item_id, floor`
 )
+
+// withOutbox is update, an UPDATE of one item, returning the item as
+// stored and adding, in the same statement, its outbox row (the
+// invalidation it owes the cache). One statement, so no extra round trip.
+func withOutbox(update string) string {
+	return "WITH w AS (" + update + " RETURNING " + itemColumns + `),
+		o AS (INSERT INTO cache_outbox (item_id, floor) SELECT id, version FROM w)
+		SELECT ` + itemColumns + " FROM w"
+}
 
 func dbTags(t reflect.Type) []string {
 	tags := make([]string, t.NumField())
@@ -360,14 +380,56 @@ func (s *Store) Patch(ctx context.Context, id int64, in Input) (stored Item, err
 	return stored, err
 }
 
+// Replace, Patch and Delete also add the item's outbox row (withOutbox).
+
 // Delete deletes item id and returns the version it had, or ErrNotFound.
 // Only the version comes back: the delete has committed by then, so it
 // must not fail on a row it cannot read (a table made by hand may hold one).
 func (s *Store) Delete(ctx context.Context, id int64) (version int64, err error) {
 	err = s.withConn(ctx, atMostOnce, func(ctx context.Context, c *sql.Conn) error {
-		return c.QueryRowContext(ctx, "DELETE FROM items WHERE id = $1::bigint RETURNING version", id).Scan(&version)
+		return c.QueryRowContext(ctx, deleteItem, id).Scan(&version)
 	})
 	return version, err
+}
+
+// SweepOutbox takes up to limit rows of the outbox that no other replica's
+// relay holds, passes apply their invalidations (item id -> the highest
+// floor among its rows) and deletes the rows if apply returns nil; if it
+// fails, they stay for the next sweep. It returns how many rows it took.
+// The rows stay locked while apply runs (FOR UPDATE SKIP LOCKED), so that
+// replicas sweeping at once share the rows rather than all apply each.
+// One transaction of two statements: it works through PgBouncer in
+// transaction mode.
+func (s *Store) SweepOutbox(limit int, apply func(context.Context, map[int64]int64) error) (int, error) {
+	ctx, cancel := context.WithTimeout(s.stop, s.timeout)
+	defer cancel()
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, s.classify(err)
+	}
+	defer tx.Rollback()
+	rows, err := tx.QueryContext(ctx, sweepOutbox, limit)
+	if err != nil {
+		return 0, s.classify(err)
+	}
+	floors := map[int64]int64{}
+	n := 0
+	for rows.Next() {
+		var id, floor int64
+		if err := rows.Scan(&id, &floor); err != nil {
+			rows.Close()
+			return 0, s.classify(err)
+		}
+		floors[id] = max(floors[id], floor)
+		n++
+	}
+	if err := rows.Err(); err != nil || n == 0 {
+		return 0, s.classify(err)
+	}
+	if err := apply(ctx, floors); err != nil {
+		return 0, err
+	}
+	return n, s.classify(tx.Commit())
 }
 
 // How a statement may be retried after its connection failed under it.

@@ -311,7 +311,12 @@ func TestDebugVars(t *testing.T) {
 		t.Fatalf("GET /debug/vars: got %d %s; want 200 with JSON", res.status, res.body)
 	}
 	want := map[string]int64{"cache_hits": 2, "cache_misses": 2, "cache_bypasses": 0, "redis_errors": 0,
-		"postgres_errors": 0, "postgres_retries": 0, "postgres_connects": 1, "postgres_item_reads": 2, "waiting_for_item_reads": 0}
+		"postgres_errors": 0, "postgres_retries": 0, "postgres_item_reads": 2, "waiting_for_item_reads": 0, "outbox_applied": 0}
+	// One connection for the requests; the relay's sweeps may take a second.
+	if n := vars.Items["postgres_connects"]; n < 1 || n > 2 {
+		t.Errorf("postgres_connects: got %d; want 1 or 2", n)
+	}
+	delete(vars.Items, "postgres_connects")
 	if !maps.Equal(vars.Items, want) {
 		t.Errorf("items counters: got %v; want %v", vars.Items, want)
 	}

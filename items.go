@@ -8,27 +8,23 @@ import (
 	"hash/crc32"
 	"reflect"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
-
-	"golang.org/x/sync/singleflight"
 )
 
 // Items is what the handlers read and write: PostgreSQL behind the cache.
 // Reads are cache-aside, with concurrent misses for one item sharing a
-// single PostgreSQL query (singleflight); every write invalidates the
-// item's cached value after it commits and before it is acknowledged.
+// PostgreSQL query (flights); every write invalidates the item's cached
+// value after it commits and before it is acknowledged, and records the
+// invalidation in the outbox with the change itself (see outbox.go).
 type Items struct {
 	store   *Store
 	cache   *Cache
-	flights singleflight.Group // shared PostgreSQL reads, keyed by flightKey
-	// writes counts this replica's writes of each item (by id, modulo its
-	// length: items that share a count only share reads less), for flightKey.
-	writes [1024]atomic.Uint64
+	flights flights // shared PostgreSQL reads of single items
+	relay   *relay
 
 	reads   atomic.Int64 // PostgreSQL queries made for single-item reads
 	waiting atomic.Int64 // requests now waiting for such a query
@@ -39,9 +35,14 @@ type Items struct {
 	writing sync.WaitGroup
 }
 
+// newItems starts the outbox relay, which runs until the store is closed;
+// it returns after the relay's first sweep.
 func newItems(store *Store, cache *Cache) *Items {
-	return &Items{store: store, cache: cache,
+	s := &Items{store: store, cache: cache, flights: flights{running: map[int64]*flight{}},
+		relay:    &relay{store: store, cache: cache},
 		outcomes: map[Outcome]*atomic.Int64{Hit: new(atomic.Int64), Miss: new(atomic.Int64), Bypass: new(atomic.Int64)}}
+	s.relay.start()
+	return s
 }
 
 // itemShape names the JSON of an Item in cached values (see shapeOf).
@@ -64,13 +65,13 @@ func shapeOf(t reflect.Type) string {
 
 // Get returns the JSON of item id and what the cache contributed: Redis
 // first; on a miss PostgreSQL, then Redis is filled. Concurrent misses for
-// the same id wait for one query. Errors: ErrNotFound, ErrUnavailable.
+// the same id share queries (flights). Errors: ErrNotFound, ErrUnavailable.
 //
-// The query runs on the first caller's goroutine and is not cancelled when
-// that caller's client hangs up, since the others still want its answer; so
+// The query runs on one caller's goroutine and is not cancelled when that
+// caller's client hangs up, since the others still want its answer; so
 // that caller still waits for it, at most DB_QUERY_TIMEOUT.
 func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
-	body, outcome, seen := s.cache.Get(ctx, id)
+	body, outcome := s.cache.Get(ctx, id)
 	s.outcomes[outcome].Add(1)
 	if outcome == Hit {
 		return body, Hit, nil
@@ -78,13 +79,67 @@ func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
 	s.waiting.Add(1)
 	defer s.waiting.Add(-1)
 	shared := context.WithoutCancel(ctx)
-	v, err, _ := s.flights.Do(s.flightKey(id, seen), func() (any, error) {
-		return s.read(shared, id, outcome == Miss)
-	})
-	if err != nil {
-		return nil, outcome, err
+	body, err := s.flights.do(id, func() ([]byte, error) { return s.read(shared, id, outcome == Miss) })
+	return body, outcome, err
+}
+
+// flights shares PostgreSQL reads of an item among the requests for it,
+// but a request shares only a read that began after it arrived, so that
+// the read sees every write acknowledged before the request, by any
+// replica. (Sharing a read already running, as singleflight does, would
+// serve a request that comes after a write the row from before it: this
+// replica knows of its own writes, but not of another replica's.) The
+// requests that arrive while a read of the item runs wait for it to end,
+// then share the next read, which the first of them runs: at most one
+// query per item at a time, and a wait of at most two.
+type flights struct {
+	mu      sync.Mutex
+	running map[int64]*flight // item id -> its read now running, or about to run
+}
+
+type flight struct {
+	done chan struct{} // closed when body and err are set
+	body []byte
+	err  error
+	next *flight // the read that requests arriving during this one share
+}
+
+// do returns the result of a call of read that began after do was called,
+// shared with other callers for id.
+func (f *flights) do(id int64, read func() ([]byte, error)) ([]byte, error) {
+	f.mu.Lock()
+	cur := f.running[id]
+	if cur == nil {
+		cur = &flight{done: make(chan struct{})}
+		f.running[id] = cur
+		f.mu.Unlock()
+		f.run(id, cur, read)
+		return cur.body, cur.err
 	}
-	return v.([]byte), outcome, nil
+	next, first := cur.next, cur.next == nil
+	if first {
+		next = &flight{done: make(chan struct{})}
+		cur.next = next
+	}
+	f.mu.Unlock()
+	if first {
+		<-cur.done // run has made next the running read
+		f.run(id, next, read)
+	}
+	<-next.done
+	return next.body, next.err
+}
+
+func (f *flights) run(id int64, fl *flight, read func() ([]byte, error)) {
+	defer close(fl.done)
+	fl.body, fl.err = read()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if fl.next != nil {
+		f.running[id] = fl.next
+	} else {
+		delete(f.running, id)
+	}
 }
 
 // read is one PostgreSQL read of an item, and the cache fill if asked.
@@ -155,9 +210,9 @@ func (s *Items) Delete(ctx context.Context, id int64) error {
 }
 
 // written invalidates item id after a write: its cached versions below
-// floor become stale. Readers that arrive later must not join a query that
-// began before the write (see flightKey). It runs even if the client has
-// gone: the write has happened.
+// floor become stale. It runs even if the client has gone: the write has
+// happened. If Redis cannot be reached, the outbox row that the write
+// committed with it reaches Redis through any replica's relay (outbox.go).
 func (s *Items) written(ctx context.Context, id, floor int64, err error) {
 	switch {
 	case err == nil:
@@ -167,7 +222,6 @@ func (s *Items) written(ctx context.Context, id, floor int64, err error) {
 		floor = unknownVersion // it may have committed
 	}
 	s.cache.Invalidate(context.WithoutCancel(ctx), id, floor)
-	s.writes[uint64(id)%uint64(len(s.writes))].Add(1)
 }
 
 // WaitWrites waits, for at most d, for the writes in flight to return and
@@ -183,16 +237,6 @@ func (s *Items) WaitWrites(d time.Duration) {
 	case <-done:
 	case <-time.After(d):
 	}
-}
-
-// flightKey names the shared read of item id by the requests that saw
-// version seen of it in Redis (0: none) and the same count of this
-// replica's writes of it. A request joins only a read begun after the last
-// write it can know of: after every write of this replica, which bumps the
-// count, and after a write of another replica whose tombstone it saw.
-func (s *Items) flightKey(id, seen int64) string {
-	writes := s.writes[uint64(id)%uint64(len(s.writes))].Load()
-	return strconv.FormatInt(id, 10) + "@" + strconv.FormatInt(seen, 10) + "." + strconv.FormatUint(writes, 10)
 }
 
 // Ready reports whether PostgreSQL answers and accepts writes, and whether
@@ -222,7 +266,7 @@ func (s *Items) Vars() *expvar.Map {
 		"cache_hits": s.outcomes[Hit], "cache_misses": s.outcomes[Miss], "cache_bypasses": s.outcomes[Bypass],
 		"redis_errors": &s.cache.outages.errors, "postgres_errors": &s.store.errors,
 		"postgres_retries": &s.store.retries, "postgres_connects": &s.store.connects,
-		"postgres_item_reads": &s.reads, "waiting_for_item_reads": &s.waiting,
+		"postgres_item_reads": &s.reads, "waiting_for_item_reads": &s.waiting, "outbox_applied": &s.relay.applied,
 	} {
 		m.Set(name, expvar.Func(func() any { return n.Load() }))
 	}

@@ -1,0 +1,80 @@
+package main
+
+import (
+	"errors"
+	"sync/atomic"
+	"time"
+)
+
+// relay delivers the transactional outbox to Redis. Every UPDATE and DELETE
+// of an item adds, in the same statement, a row with the invalidation it
+// owes the cache (Store.Replace, Patch, Delete); the replica that wrote it
+// invalidates Redis itself before answering, and the relay of every
+// replica applies the rows to Redis and deletes them, every
+// OUTBOX_POLL_INTERVAL. So an invalidation that its writer could not
+// deliver (Redis unreachable from that replica, or the process killed
+// between the commit and the invalidation) reaches Redis through any
+// replica that can reach it, within about one interval, and is never lost
+// with a process. Applying a row twice is harmless: an invalidation
+// replaces only older versions (invalidateScript).
+//
+// It polls rather than LISTENs: a notification is lost while the listener
+// is disconnected, does not pass PgBouncer in transaction mode, and would
+// make each write's commit take NOTIFY's global lock; a poll of an outbox
+// that is empty, or a page of rows, costs one short transaction
+// (docs/scaling.md has the figures).
+//
+// A relay also guards reads: while Redis may be behind the outbox (when
+// the relay starts, and whenever Redis comes back after an outage), the
+// cache serves no value from Redis until a sweep of the whole outbox has
+// ended (outages.hold).
+type relay struct {
+	store   *Store
+	cache   *Cache
+	applied atomic.Int64 // outbox rows this replica's relay applied to Redis
+}
+
+// outboxPage is the most rows one sweep transaction takes.
+const outboxPage = 1000
+
+// start holds the cache, so that no request reads Redis before the first
+// sweep, sweeps once (so a new replica starts with the cache in use), and
+// then sweeps every OUTBOX_POLL_INTERVAL and whenever the cache asks,
+// until the store is closed.
+func (r *relay) start() {
+	r.cache.outages.hold()
+	r.sweep()
+	go func() {
+		tick := time.NewTicker(r.store.outboxInterval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-r.store.stop.Done():
+				return
+			case <-tick.C:
+			case <-r.cache.outages.kick:
+			}
+			r.sweep()
+		}
+	}()
+}
+
+// sweep applies the outbox to Redis, a page at a time, and then ends any
+// hold on reading Redis that began before it.
+func (r *relay) sweep() {
+	start := time.Now()
+	for {
+		n, err := r.store.SweepOutbox(outboxPage, r.cache.Apply)
+		if err != nil {
+			if !errors.Is(err, errCacheBypassed) && r.store.stop.Err() == nil {
+				r.cache.outages.warnRarely("could not apply the cache outbox; trying again", "err", err)
+			}
+			return
+		}
+		r.applied.Add(int64(n))
+		if n < outboxPage {
+			r.cache.outages.release(start)
+			return
+		}
+	}
+}
