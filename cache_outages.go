@@ -255,6 +255,12 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	if err != nil {
 		return err
 	}
+	if strings.Contains(info, "redis_mode:sentinel") {
+		// go-redis's failover client runs OnConnect on its connections to
+		// the Sentinels too (FailoverOptions.sentinelOptions); only the
+		// master's run_id says whether the cache restarted.
+		return nil
+	}
 	_, runID, _ := strings.Cut(info, "run_id:")
 	runID, _, _ = strings.Cut(runID, "\r\n")
 	o.mu.Lock()

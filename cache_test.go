@@ -590,9 +590,12 @@ func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 	variants := []struct {
 		name, file string
 		edit       func(*ast.File) error
+		test       string // the test that must catch it
+		duration   string // STRESS_DURATION
 	}{
-		{"invalidation before the commit", "items.go", invalidateBeforeCommit},
-		{"fills that ignore versions", "cache.go", fillIgnoringVersions},
+		{"invalidation before the commit", "items.go", invalidateBeforeCommit, "TestNoStaleReads", "2s"},
+		{"fills that ignore versions", "cache.go", fillIgnoringVersions, "TestNoStaleReads", "2s"},
+		{"an outbox never applied", "outbox.go", outboxNeverApplied, "TestScaleOut", "8s"},
 	}
 	for _, v := range variants {
 		t.Run(v.name, func(t *testing.T) {
@@ -617,18 +620,18 @@ func TestNoStaleReadsCatchesBrokenVariants(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			cmd := exec.CommandContext(t.Context(), goBin, "test", "-count=1", "-run", "^TestNoStaleReads$", ".")
+			cmd := exec.CommandContext(t.Context(), goBin, "test", "-count=1", "-run", "^"+v.test+"$", ".")
 			cmd.Dir = dir
-			cmd.Env = append(os.Environ(), "STRESS_DURATION=2s")
+			cmd.Env = append(os.Environ(), "STRESS_DURATION="+v.duration)
 			out, err := cmd.CombinedOutput()
 			if strings.Contains(string(out), "[build failed]") || strings.Contains(string(out), "[setup failed]") {
 				t.Fatalf("variant %q does not build against the code as it is now; update the variant. Output:\n%s", v.name, out)
 			}
-			if err == nil || !strings.Contains(string(out), "stale read: ") {
-				t.Fatalf("TestNoStaleReads on the variant: %v; want it to fail with stale reads. Output:\n%s", err, out)
+			if err == nil || !strings.Contains(string(out), "stale read") {
+				t.Fatalf("%s on the variant: %v; want it to fail with stale reads. Output:\n%s", v.test, err, out)
 			}
 			for _, line := range strings.Split(string(out), "\n") {
-				if strings.Contains(line, "acknowledged writes") {
+				if strings.Contains(line, "acknowledged writes") || strings.Contains(line, "3 replicas:") {
 					t.Logf("caught: %s", strings.TrimSpace(line))
 				}
 			}
@@ -715,6 +718,29 @@ func fillIgnoringVersions(f *ast.File) error {
 		}
 	}
 	return errors.New("no var fillScript = redis.NewScript(...)")
+}
+
+// outboxNeverApplied makes the relay's sweeps find nothing: the call of
+// SweepOutbox in relay.sweep becomes (0, nil), so writes still add outbox
+// rows, but no replica applies them to Redis.
+func outboxNeverApplied(f *ast.File) error {
+	found := false
+	ast.Inspect(f, func(n ast.Node) bool {
+		as, ok := n.(*ast.AssignStmt)
+		if !ok || len(as.Rhs) != 1 {
+			return true
+		}
+		if call, ok := as.Rhs[0].(*ast.CallExpr); ok && strings.HasSuffix(types.ExprString(call.Fun), ".SweepOutbox") {
+			as.Rhs = []ast.Expr{&ast.BasicLit{Kind: token.INT, Value: "0"},
+				&ast.CallExpr{Fun: ast.NewIdent("error"), Args: []ast.Expr{ast.NewIdent("nil")}}}
+			found = true
+		}
+		return true
+	})
+	if !found {
+		return errors.New("no call of SweepOutbox assigned to two values (n, err := r.store.SweepOutbox(...))")
+	}
+	return nil
 }
 
 // TestTooManyMissedInvalidations: when more invalidations are missed during

@@ -592,10 +592,11 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// startProcess runs the service as a process of its own with cfg: the
-// program bin, or if bin is "", this test binary through TestMain. It
-// returns its URL, the process, and a channel with its exit.
-func startProcess(t *testing.T, cfg Config, bin string) (string, *exec.Cmd, <-chan error) {
+// startProcess runs the service as a process of its own with cfg and the
+// extra variables (name, value, ...): the program bin, or if bin is "",
+// this test binary through TestMain. It returns its URL, the process, and
+// a channel with its exit.
+func startProcess(t *testing.T, cfg Config, bin string, extra ...string) (string, *exec.Cmd, <-chan error) {
 	t.Helper()
 	getenv := envFrom(cfg)
 	cmd := exec.Command(bin)
@@ -607,6 +608,9 @@ func startProcess(t *testing.T, cfg Config, bin string) (string, *exec.Cmd, <-ch
 	for _, k := range []string{"PORT", "DB_HOST", "DB_PORT", "DB_SCHEMA", "DB_QUERY_TIMEOUT", "REDIS_HOST", "REDIS_PORT",
 		"CACHE_KEY_PREFIX", "SHUTDOWN_TIMEOUT", "LOG_FORMAT", "LOG_LEVEL"} {
 		cmd.Env = append(cmd.Env, k+"="+getenv(k))
+	}
+	for i := 0; i+1 < len(extra); i += 2 {
+		cmd.Env = append(cmd.Env, extra[i]+"="+extra[i+1])
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

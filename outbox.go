@@ -60,8 +60,14 @@ func (r *relay) start() {
 }
 
 // sweep applies the outbox to Redis, a page at a time, and then ends any
-// hold on reading Redis that began before it.
+// hold on reading Redis that began before it. While this replica finds
+// Redis down it takes no rows, which the other replicas' relays would then
+// skip: requests probe Redis (outages.allow), and its return asks for a
+// sweep.
 func (r *relay) sweep() {
+	if r.cache.outages.downUntil.Load() != 0 {
+		return
+	}
 	start := time.Now()
 	for {
 		n, err := r.store.SweepOutbox(outboxPage, r.cache.Apply)
