@@ -340,9 +340,12 @@ redis.call('SET', KEYS[1], ARGV[1] .. ':', 'PX', ARGV[2])
 return 1`)
 
 // Ping reports whether Redis answers, for readiness. While the cache is
-// bypassed after a failure it reports the failure without asking.
+// bypassed after a failure it reports that failure without asking.
 func (c *Cache) Ping(ctx context.Context) error {
 	if !c.outages.allow() {
+		if last := c.outages.lastErr.Load(); last != nil {
+			return fmt.Errorf("%w: %s", errCacheBypassed, *last)
+		}
 		return errCacheBypassed
 	}
 	if err := c.rdb.Ping(ctx).Err(); err != nil {

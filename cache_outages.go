@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -43,9 +44,10 @@ type outages struct {
 	// (when the relay began, and when Redis came back after an outage),
 	// Unix ns; zero once a whole sweep of the outbox begun later has ended.
 	heldSince   atomic.Int64
-	kick        chan struct{} // asks the relay to sweep now
-	lastWarning atomic.Int64  // when warnRarely last logged, Unix ns
-	errors      atomic.Int64  // Redis commands that failed or were refused
+	kick        chan struct{}          // asks the relay to sweep now
+	lastWarning atomic.Int64           // when warnRarely last logged, Unix ns
+	errors      atomic.Int64           // Redis commands that failed or were refused
+	lastErr     atomic.Pointer[string] // the last failure, for /ready
 
 	mu         sync.Mutex
 	runID      string          // of the Redis server last connected to
@@ -111,6 +113,8 @@ func (o *outages) readable() bool { return o.heldSince.Load() == 0 && !o.quarant
 // interval, unless the client went away, which says nothing about Redis.
 func (o *outages) failed(ctx context.Context, op string, err error) {
 	o.errors.Add(1)
+	msg := err.Error()
+	o.lastErr.Store(&msg)
 	if ctx.Err() != nil {
 		return
 	}
@@ -241,6 +245,55 @@ func (c *Cache) flushMissed(ctx context.Context) bool {
 	return o.nmissed.Load() == 0
 }
 
+// checkPermissions runs, in one pipeline, every command the cache uses,
+// on a key of its own (prefix+"probe", deleted at the end), and returns an
+// error naming those that the Redis user may not run (its ACL, or a
+// managed Redis, withholds them), or nil. infoErr is INFO's. Without any
+// of them the cache cannot keep its promises (INFO, DBSIZE and EXISTS
+// notice a restarted Redis; the scripts need GET and SET), so the
+// connection fails: Redis is bypassed, and the error is logged and shown
+// by /ready until the permissions are granted, then the cache is back by
+// itself within REDIS_RETRY_INTERVAL. docs/scaling.md lists the commands.
+func (c *Cache) checkPermissions(ctx context.Context, cn *redis.Conn, infoErr error) error {
+	key := c.prefix + "probe"
+	pipe := cn.Pipeline()
+	cmds := []struct {
+		name string
+		cmd  redis.Cmder
+	}{
+		{"get", pipe.Get(ctx, key)},
+		{"exists", pipe.Exists(ctx, key)},
+		{"dbsize", pipe.DBSize(ctx)},
+		{"evalsha", invalidateScript.EvalSha(ctx, pipe, []string{key}, 0, 1000)},
+		{"eval (running get and set)", invalidateScript.Eval(ctx, pipe, []string{key}, 1, 1000)},
+		{"set", pipe.Set(ctx, key, "0:", time.Second)},
+		{"del", pipe.Del(ctx, key)},
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !isReplyError(err) {
+		return err
+	}
+	var missing []string
+	if infoErr != nil {
+		missing = append(missing, "info")
+	}
+	for _, cmd := range cmds {
+		if denied(cmd.cmd.Err()) {
+			missing = append(missing, cmd.name)
+		}
+	}
+	if len(missing) == 0 {
+		return nil
+	}
+	return fmt.Errorf("the Redis user may not run %s, which the cache needs; grant them (ACL SETUSER <user> +get +set +del +exists +dbsize +eval +evalsha +info +ping ~%s*): Redis is bypassed until then",
+		strings.Join(missing, ", "), c.prefix)
+}
+
+// denied reports whether err is Redis refusing a command to this user
+// (ACL): NOPERM, or a script's "can't run this command" (Redis 7).
+func denied(err error) bool {
+	return err != nil && (redis.HasErrorPrefix(err, "NOPERM") || strings.Contains(err.Error(), "can't run this command"))
+}
+
 // restartKey is the key of the restart mark, beside the items' keys.
 func (c *Cache) restartKey() string { return c.prefix + "restarted" }
 
@@ -252,7 +305,7 @@ func (c *Cache) restartKey() string { return c.prefix + "restarted" }
 func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	o := c.outages
 	info, err := cn.Info(ctx, "server").Result()
-	if err != nil {
+	if err != nil && !denied(err) {
 		return err
 	}
 	if strings.Contains(info, "redis_mode:sentinel") {
@@ -260,6 +313,9 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 		// the Sentinels too (FailoverOptions.sentinelOptions); only the
 		// master's run_id says whether the cache restarted.
 		return nil
+	}
+	if err := c.checkPermissions(ctx, cn, err); err != nil {
+		return err
 	}
 	_, runID, _ := strings.Cut(info, "run_id:")
 	runID, _, _ = strings.Cut(runID, "\r\n")

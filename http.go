@@ -59,6 +59,9 @@ type readiness struct {
 	Postgres string `json:"postgres"`        // "up", "read-only" or "down"
 	Redis    string `json:"redis"`           // "up" or "down"
 	Error    string `json:"error,omitempty"` // why not ready, as in every error body
+	// RedisError says why Redis is down (the service is still ready): a
+	// connection refused, or the permissions its user lacks.
+	RedisError string `json:"redis_error,omitempty"`
 }
 
 // handleReady is readiness: 200 when PostgreSQL answers and accepts
@@ -80,6 +83,9 @@ func handleReady(items *Items) http.Handler {
 			return
 		}
 		res := readiness{Status: "ok", Postgres: upDown(pgErr), Redis: upDown(redisErr)}
+		if redisErr != nil {
+			res.RedisError = redisErr.Error()
+		}
 		status := http.StatusOK
 		if pgErr != nil {
 			noteError(w, pgErr)
