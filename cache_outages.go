@@ -331,33 +331,51 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	// Decide before any command runs on this connection; other new
 	// connections decide the same until runID is updated below. Reads that
 	// began before now may have been overtaken by writes whose tombstones
-	// the restart lost: the mark stops their fills (fillScript).
-	keys, err := cn.DBSize(ctx).Result()
+	// the restart lost: the mark stops their fills (fillScript). The first
+	// replica to notice this restart decides whether it came back with
+	// data, and the others take its verdict: they would find the keys it
+	// has filled since.
+	now := time.Now()
+	until, err := restartScript.Run(ctx, cn, []string{c.restartKey(), c.restartKey() + ":" + runID},
+		now.UnixMilli(), (o.ttl + o.retry).Milliseconds(), c.tombstoneTTL.Milliseconds()).Int64()
 	if err != nil {
 		return err
 	}
-	marked, err := cn.Exists(ctx, c.restartKey()).Result()
-	if err != nil {
-		return err
-	}
-	keys -= marked // another replica's mark is not data
-	if err := cn.Set(ctx, c.restartKey(), time.Now().UnixMilli(), c.tombstoneTTL).Err(); err != nil {
-		return err
-	}
-	if keys > 0 {
-		o.quarantine()
+	quarantined := until > now.UnixMilli()
+	if quarantined {
+		o.quarantineUntil.Store(time.UnixMilli(until).UnixNano())
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.runID != runID {
 		o.runID = runID
-		if keys > 0 {
+		if quarantined {
 			o.log.Warn("redis restarted with data it may have reloaded from before invalidations; not read until it has expired",
-				"addr", o.addr, "keys", keys, "for", o.ttl+o.retry)
+				"addr", o.addr, "until", time.UnixMilli(until))
 		}
 	}
 	return nil
 }
+
+// restartScript records, for a Redis server found restarted, when it was
+// noticed (the restart mark, which fillScript reads) and, once per server
+// run, whether it holds data from before: then it is quarantined until a
+// time every replica takes. KEYS[1]: the restart mark; KEYS[2]: the
+// verdict for this run_id. ARGV[1]: now, Unix ms; ARGV[2]: the quarantine,
+// ms; ARGV[3]: how long the mark lives, ms (the verdict lives as long as
+// the quarantine, and at least that). Returns the end of the quarantine,
+// Unix ms, or 0.
+var restartScript = redis.NewScript(`
+local q = redis.call('GET', KEYS[2])
+if not q then
+  local keys = redis.call('DBSIZE') - redis.call('EXISTS', KEYS[1])
+  q = 0
+  if keys > 0 then q = tonumber(ARGV[1]) + tonumber(ARGV[2]) end
+  redis.call('SET', KEYS[2], q, 'PX', math.max(tonumber(ARGV[2]), tonumber(ARGV[3])))
+end
+local at = tonumber(redis.call('GET', KEYS[1]))
+if not at or at < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
+return tonumber(q)`)
 
 // quietRedisOnce silences go-redis's own (process-wide) logger, which
 // prints every failed dial to stderr: a flood during an outage. The cache
