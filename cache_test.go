@@ -1103,3 +1103,35 @@ func TestRedisACL(t *testing.T) {
 	}
 	t.Logf("/ready without INFO: %s", ready.RedisError)
 }
+
+// TestFirstReadAfterRedisIsBack: as in the README's walkthrough, a write
+// while Redis is down, then Redis back: the first read after the retry
+// interval brings Redis up to date with the outbox itself and reads it (a
+// MISS with the new value, then a HIT), rather than bypassing it until the
+// relay's next turn.
+func TestFirstReadAfterRedisIsBack(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.OutboxInterval = time.Hour // only requests may catch up
+	port := freePort(t)
+	stop := startRedis(t, port)
+	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", port
+	log := newLogBuffer(t).logger()
+	cache := newCache(cfg, itemShape, log)
+	t.Cleanup(func() { cache.Close() })
+	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	it := createItem(t, base, `{"name":"old"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	do(t, "GET", url, "")
+	stop()
+	if res := do(t, "PUT", url, `{"name":"new"}`); res.status != 200 {
+		t.Fatalf("PUT with Redis down: %d %s", res.status, res.body)
+	}
+	startRedis(t, port)
+	time.Sleep(cfg.RedisRetry + 50*time.Millisecond)
+	for i, want := range []string{"MISS", "HIT"} {
+		res := do(t, "GET", url, "")
+		if got := res.header.Get("X-Cache"); got != want || !strings.Contains(string(res.body), `"new"`) {
+			t.Errorf("GET %d after Redis came back: %s %s; want %s with the new name", i+1, got, res.body, want)
+		}
+	}
+}

@@ -29,9 +29,10 @@ import (
 // cache serves no value from Redis until a sweep of the whole outbox has
 // ended (outages.hold).
 type relay struct {
-	store   *Store
-	cache   *Cache
-	applied atomic.Int64 // outbox rows this replica's relay applied to Redis
+	store    *Store
+	cache    *Cache
+	applied  atomic.Int64 // outbox rows this replica's relay applied to Redis
+	catching atomic.Bool  // a request is sweeping (catchUp)
 }
 
 // outboxPage is the most rows one sweep transaction takes.
@@ -57,6 +58,19 @@ func (r *relay) start() {
 			r.sweep()
 		}
 	}()
+}
+
+// catchUp sweeps now for a request that found the cache held, unless
+// another request is doing so, and reports whether the hold has ended:
+// the first request after Redis comes back reads it, rather than waiting
+// for the relay's next turn.
+func (r *relay) catchUp() bool {
+	if !r.catching.CompareAndSwap(false, true) {
+		return false
+	}
+	defer r.catching.Store(false)
+	r.sweep()
+	return r.cache.outages.heldSince.Load() == 0
 }
 
 // sweep applies the outbox to Redis, a page at a time, and then ends any
