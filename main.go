@@ -159,6 +159,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err := <-serveErr; !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
+	store.Cut() // no request is left; this stops the outbox relay before the cache is closed
 	log.Info("stopped")
 	return nil
 }
