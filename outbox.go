@@ -1,7 +1,7 @@
 package main
 
 import (
-	"errors"
+	"context"
 	"sync/atomic"
 	"time"
 )
@@ -84,10 +84,14 @@ func (r *relay) sweep() {
 	}
 	start := time.Now()
 	for {
-		n, err := r.store.SweepOutbox(outboxPage, r.cache.Apply)
+		var redisErr error // the cache logs its own failures
+		n, err := r.store.SweepOutbox(outboxPage, func(ctx context.Context, floors map[int64]int64) error {
+			redisErr = r.cache.Apply(ctx, floors)
+			return redisErr
+		})
 		if err != nil {
-			if !errors.Is(err, errCacheBypassed) && r.store.stop.Err() == nil {
-				r.cache.outages.warnRarely("could not apply the cache outbox; trying again", "err", err)
+			if redisErr == nil && r.store.stop.Err() == nil {
+				r.cache.outages.warnRarely("could not read the cache outbox from PostgreSQL; trying again", "err", err)
 			}
 			return
 		}
