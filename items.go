@@ -118,7 +118,7 @@ func (f *flights) do(id int64, read func() ([]byte, error)) ([]byte, error) {
 		cur = &flight{done: make(chan struct{})}
 		f.running[id] = cur
 		f.mu.Unlock()
-		f.run(id, cur, read)
+		f.lead(id, cur, read)
 		return cur.body, cur.err
 	}
 	next, first := cur.next, cur.next == nil
@@ -128,14 +128,16 @@ func (f *flights) do(id int64, read func() ([]byte, error)) ([]byte, error) {
 	}
 	f.mu.Unlock()
 	if first {
-		<-cur.done // run has made next the running read
-		f.run(id, next, read)
+		<-cur.done // lead has made next the running read
+		f.lead(id, next, read)
 	}
 	<-next.done
 	return next.body, next.err
 }
 
-func (f *flights) run(id int64, fl *flight, read func() ([]byte, error)) {
+// lead runs read for fl, the running flight of id, then makes the next
+// one (if requests are waiting for it) the running one.
+func (f *flights) lead(id int64, fl *flight, read func() ([]byte, error)) {
 	defer close(fl.done)
 	fl.body, fl.err = read()
 	f.mu.Lock()
