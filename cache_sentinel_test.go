@@ -69,10 +69,7 @@ func startSentinels(t *testing.T, password, sentinelPassword string) *sentinelSe
 	t.Helper()
 	bin, err := exec.LookPath("redis-sentinel")
 	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("redis-sentinel is needed to test Sentinel failover (apt-get install redis-sentinel): %v", err)
-		}
-		t.Skipf("redis-sentinel is not installed, so this test cannot run Sentinels: %v", err)
+		needTool(t, "redis-sentinel", "redis-sentinel")
 	}
 	s := &sentinelSetup{name: "items-" + randomHex(t)[:6], password: password, sentinelPassword: sentinelPassword,
 		masterPort: freePort(t), replicaPort: freePort(t)}

@@ -461,15 +461,6 @@ func TestNoStaleReads(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	seqOf := func(body string) (int64, bool) {
-		var it Item
-		if json.Unmarshal([]byte(body), &it) != nil {
-			return 0, false
-		}
-		_, n, ok := strings.Cut(it.Name, "-")
-		seq, err := strconv.ParseInt(n, 10, 64)
-		return seq, ok && err == nil
-	}
 
 	ctx, cancel := context.WithTimeout(t.Context(), duration)
 	defer cancel()

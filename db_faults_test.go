@@ -62,16 +62,6 @@ func pgBin(t *testing.T, name string) string {
 
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 
-// needTool fails the test in CI, which installs every tool (.ci/run), and
-// skips it elsewhere.
-func needTool(t *testing.T, name, pkg string) {
-	t.Helper()
-	if os.Getenv("CI") != "" {
-		t.Fatalf("%s is needed (apt-get install %s)", name, pkg)
-	}
-	t.Skipf("%s is not installed (apt-get install %s), so this test cannot run its own server", name, pkg)
-}
-
 // asPostgres runs cmd as the postgres user when the tests run as root:
 // initdb, postgres and pgbouncer refuse to run as root.
 func asPostgres(t *testing.T, cmd *exec.Cmd, dirs ...string) {

@@ -445,17 +445,23 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
+// needTool fails the test in CI, which installs every tool (.ci/run), and
+// skips it elsewhere.
+func needTool(t *testing.T, name, pkg string) {
+	t.Helper()
+	if os.Getenv("CI") != "" {
+		t.Fatalf("%s is needed (apt-get install %s)", name, pkg)
+	}
+	t.Skipf("%s is not installed (apt-get install %s), so this test cannot run its own server", name, pkg)
+}
+
 // startRedis runs a private redis-server on port, with extra arguments,
 // until stop is called or the test ends. It returns stop.
 func startRedis(t *testing.T, port int, args ...string) (stop func()) {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
-		// CI installs it (.ci/run); on a laptop with only Docker, skip.
-		if os.Getenv("CI") != "" {
-			t.Fatalf("redis-server is needed to test Redis outages (apt-get install redis-server): %v", err)
-		}
-		t.Skipf("redis-server is not installed, so this test cannot start and stop a private Redis: %v", err)
+		needTool(t, "redis-server", "redis-server") // CI installs it (.ci/run); on a laptop with only Docker, skip
 	}
 	cmd := exec.Command(bin, append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--protected-mode", "no"}, args...)...)
@@ -512,6 +518,18 @@ func hungListener(t *testing.T) int {
 		}
 	})
 	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// seqOf is the number after the "-" in the name of the item whose JSON is
+// body: the stress tests name each write "<slot>-<seq>".
+func seqOf(body string) (int64, bool) {
+	var it Item
+	if json.Unmarshal([]byte(body), &it) != nil {
+		return 0, false
+	}
+	_, n, ok := strings.Cut(it.Name, "-")
+	seq, err := strconv.ParseInt(n, 10, 64)
+	return seq, ok && err == nil
 }
 
 // envFrom is a getenv for run: cfg's test settings over the real environment.

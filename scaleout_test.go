@@ -148,15 +148,6 @@ func TestScaleOut(t *testing.T) {
 		}
 		items[i] = &history{id: it.ID, acks: []ack{{seq: 0, at: time.Now()}}}
 	}
-	seqOf := func(body string) (int64, bool) {
-		var it Item
-		if json.Unmarshal([]byte(body), &it) != nil {
-			return 0, false
-		}
-		_, n, ok := strings.Cut(it.Name, "-")
-		seq, err := strconv.ParseInt(n, 10, 64)
-		return seq, ok && err == nil
-	}
 
 	var current atomic.Int64 // the phase, 1 to 4
 	current.Store(1)
