@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"log/slog"
+	"net"
 	"strconv"
 	"time"
 
@@ -73,7 +74,7 @@ func newCache(cfg Config, shape string, log *slog.Logger) *Cache {
 		outages:      newOutages(cfg, log),
 	}
 	opts := &redis.UniversalOptions{
-		Addrs:           []string{cfg.redisAddr()},
+		Addrs:           []string{net.JoinHostPort(cfg.RedisHost, strconv.Itoa(cfg.RedisPort))},
 		Username:        cfg.RedisUsername,
 		Password:        cfg.RedisPassword,
 		DB:              cfg.RedisDB,
@@ -118,7 +119,7 @@ func (c *Cache) Get(ctx context.Context, id int64) (body []byte, outcome Outcome
 	}
 	v, err := c.rdb.Get(ctx, c.Key(id)).Bytes()
 	switch {
-	case err == nil || errors.Is(err, redis.Nil):
+	case err == nil || err == redis.Nil: // not errors.Is: a failed Sentinel lookup wraps redis.Nil
 		c.outages.ok()
 		if !c.outages.readable() {
 			// The GET was the first on a new connection to a restarted
@@ -126,7 +127,7 @@ func (c *Cache) Get(ctx context.Context, id int64) (body []byte, outcome Outcome
 			// brought Redis up to date with the outbox.
 			return nil, Bypass
 		}
-		if err != nil {
+		if err == redis.Nil {
 			return nil, Miss
 		}
 		if body, ok := c.body(v, id); ok {
@@ -217,17 +218,32 @@ const unknownOutcomeTTL = 20 * time.Minute
 // DEL, which it still accepts. The error is nil only if every key was
 // invalidated.
 func (c *Cache) invalidate(ctx context.Context, floors map[int64]int64) error {
-	pipe := c.rdb.Pipeline()
 	cmds := make(map[int64]*redis.Cmd, len(floors))
-	for id, floor := range floors {
-		ttl := c.tombstoneTTL
-		if floor >= unknownVersion {
-			ttl = unknownOutcomeTTL
+	// By the script's SHA1 (EVALSHA), and again in full (EVAL, which loads
+	// it) where Redis does not know it yet: a restarted or promoted server.
+	for _, byHash := range []bool{true, false} {
+		pipe := c.rdb.Pipeline()
+		for id, floor := range floors {
+			if !byHash && !redis.HasErrorPrefix(cmds[id].Err(), "NOSCRIPT") {
+				continue
+			}
+			ttl := c.tombstoneTTL
+			if floor >= unknownVersion {
+				ttl = unknownOutcomeTTL
+			}
+			keys, args := []string{c.Key(id)}, []any{floor, ttl.Milliseconds()}
+			if byHash {
+				cmds[id] = invalidateScript.EvalSha(ctx, pipe, keys, args...)
+			} else {
+				cmds[id] = invalidateScript.Eval(ctx, pipe, keys, args...)
+			}
 		}
-		cmds[id] = invalidateScript.Eval(ctx, pipe, []string{c.Key(id)}, floor, ttl.Milliseconds())
-	}
-	if _, err := pipe.Exec(ctx); err != nil && !isReplyError(err) {
-		return err
+		if pipe.Len() == 0 {
+			break
+		}
+		if _, err := pipe.Exec(ctx); err != nil && !isReplyError(err) {
+			return err
+		}
 	}
 	var refused []string
 	for id, cmd := range cmds {
@@ -365,6 +381,6 @@ func (c *Cache) Close() error { return c.rdb.Close() }
 // OOM when it is full: it is reachable and may still serve reads, so a
 // refused SET does not make the cache bypass Redis.
 func isReplyError(err error) bool {
-	var re redis.Error
-	return errors.As(err, &re)
+	re, ok := err.(redis.Error) // a reply itself, not an error that wraps one (as Sentinel lookups wrap redis.Nil)
+	return ok && re != redis.Nil
 }

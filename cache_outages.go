@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -34,6 +35,8 @@ import (
 type outages struct {
 	log       *slog.Logger
 	addr      string
+	sentinels bool          // Redis is found through Sentinel
+	master    string        // REDIS_MASTER_NAME
 	retry     time.Duration // REDIS_RETRY_INTERVAL
 	ttl       time.Duration // CACHE_TTL
 	maxMissed int
@@ -59,6 +62,7 @@ type outages struct {
 
 func newOutages(cfg Config, log *slog.Logger) *outages {
 	return &outages{log: log, addr: cfg.redisAddr(), retry: cfg.RedisRetry, ttl: cfg.CacheTTL,
+		sentinels: cfg.sentinelAddrs() != nil, master: cfg.RedisMasterName,
 		maxMissed: 100_000, missed: map[int64]int64{}, kick: make(chan struct{}, 1)}
 }
 
@@ -113,6 +117,11 @@ func (o *outages) readable() bool { return o.heldSince.Load() == 0 && !o.quarant
 // interval, unless the client went away, which says nothing about Redis.
 func (o *outages) failed(ctx context.Context, op string, err error) {
 	o.errors.Add(1)
+	if o.sentinels && errors.Is(err, redis.Nil) {
+		// go-redis's "all sentinels specified in configuration are
+		// unreachable: redis: nil": they answered, and know no such master.
+		err = fmt.Errorf("the Sentinels answer but name no master %q: check REDIS_MASTER_NAME (%w)", o.master, err)
+	}
 	msg := err.Error()
 	o.lastErr.Store(&msg)
 	if ctx.Err() != nil {
@@ -268,8 +277,9 @@ func (c *Cache) checkPermissions(ctx context.Context, cn *redis.Conn, infoErr er
 		{"eval (running get and set)", invalidateScript.Eval(ctx, pipe, []string{key}, 1, 1000)},
 		{"set", pipe.Set(ctx, key, "0:", time.Second)},
 		{"del", pipe.Del(ctx, key)},
+		{"ping", pipe.Ping(ctx)},
 	}
-	if _, err := pipe.Exec(ctx); err != nil && !isReplyError(err) {
+	if _, err := pipe.Exec(ctx); err != nil && err != redis.Nil && !isReplyError(err) { // GET's nil: no such key
 		return err
 	}
 	var missing []string
@@ -325,7 +335,7 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 		o.runID = runID
 	}
 	o.mu.Unlock()
-	if previous == "" || previous == runID {
+	if previous == runID {
 		return nil
 	}
 	// Decide before any command runs on this connection; other new
@@ -334,12 +344,19 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	// the restart lost: the mark stops their fills (fillScript). The first
 	// replica to notice this restart decides whether it came back with
 	// data, and the others take its verdict: they would find the keys it
-	// has filled since.
+	// has filled since. A replica's first connection (previous == "") has
+	// nothing to compare: it takes a verdict if there is one, and vouches
+	// for an empty server, so that replicas noticing the restart later do
+	// not take its own fills for data from before.
+	first := "0"
+	if previous == "" {
+		first = "1"
+	}
 	now := time.Now()
 	until, err := restartScript.Run(ctx, cn, []string{c.restartKey(), c.restartKey() + ":" + runID},
-		now.UnixMilli(), (o.ttl + o.retry).Milliseconds(), c.tombstoneTTL.Milliseconds()).Int64()
-	if err != nil {
-		return err
+		now.UnixMilli(), (o.ttl + o.retry).Milliseconds(), c.tombstoneTTL.Milliseconds(), first).Int64()
+	if err != nil && (previous != "" || !isReplyError(err)) {
+		return err // a first connection to a full Redis (OOM) only leaves no verdict
 	}
 	quarantined := until > now.UnixMilli()
 	if quarantined {
@@ -347,7 +364,7 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	}
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if o.runID != runID {
+	if o.runID != runID || previous == "" {
 		o.runID = runID
 		if quarantined {
 			o.log.Warn("redis restarted with data it may have reloaded from before invalidations; not read until it has expired",
@@ -363,16 +380,23 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 // time every replica takes. KEYS[1]: the restart mark; KEYS[2]: the
 // verdict for this run_id. ARGV[1]: now, Unix ms; ARGV[2]: the quarantine,
 // ms; ARGV[3]: how long the mark lives, ms (the verdict lives as long as
-// the quarantine, and at least that). Returns the end of the quarantine,
-// Unix ms, or 0.
+// the quarantine, and at least that); ARGV[4]: "1" on a replica's first
+// connection, which only takes a verdict, or gives one for an empty
+// server. Returns the end of the quarantine, Unix ms, or 0.
 var restartScript = redis.NewScript(`
 local q = redis.call('GET', KEYS[2])
 if not q then
   local keys = redis.call('DBSIZE') - redis.call('EXISTS', KEYS[1])
+  local ttl = math.max(tonumber(ARGV[2]), tonumber(ARGV[3]))
+  if ARGV[4] == '1' then
+    if keys == 0 then redis.call('SET', KEYS[2], 0, 'PX', ttl) end
+    return 0
+  end
   q = 0
   if keys > 0 then q = tonumber(ARGV[1]) + tonumber(ARGV[2]) end
-  redis.call('SET', KEYS[2], q, 'PX', math.max(tonumber(ARGV[2]), tonumber(ARGV[3])))
+  redis.call('SET', KEYS[2], q, 'PX', ttl)
 end
+if ARGV[4] == '1' then return tonumber(q) end
 local at = tonumber(redis.call('GET', KEYS[1]))
 if not at or at < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
 return tonumber(q)`)

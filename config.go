@@ -105,6 +105,15 @@ func loadConfig(getenv func(string) string) (Config, error) {
 			break
 		}
 	}
+	if strings.TrimSpace(c.RedisSentinelAddrs) == "" {
+		c.RedisSentinelAddrs = "" // blank is unset, as for every variable
+	}
+	if c.RedisSentinelAddrs != "" && strings.TrimSpace(c.RedisMasterName) == "" {
+		p.fail("REDIS_MASTER_NAME", getenv("REDIS_MASTER_NAME"), "must name the master the Sentinels monitor")
+	}
+	if c.OutboxInterval > 0 && c.OutboxInterval < 10*time.Millisecond {
+		p.fail("OUTBOX_POLL_INTERVAL", getenv("OUTBOX_POLL_INTERVAL"), "must be at least 10ms (each poll is a PostgreSQL transaction)")
+	}
 	for _, a := range c.sentinelAddrs() {
 		if host, port := splitHostPort(a); !validHost(host) || !validPort(port) {
 			p.fail("REDIS_SENTINEL_ADDRS", getenv("REDIS_SENTINEL_ADDRS"), "must be a comma-separated list of host:port (Sentinel's port is usually 26379)")

@@ -58,7 +58,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"DB_MAX_CONNS", "0"}, {"REDIS_DB", "16"}, {"DB_SSLMODE", "maybe"},
 		{"DB_SCHEMA", "Robert'); DROP"}, {"DB_SCHEMA", "1abc"},
 		{"LOG_LEVEL", "loud"}, {"LOG_FORMAT", "xml"},
-		{"REDIS_SENTINEL_ADDRS", "s1"}, {"REDIS_SENTINEL_ADDRS", "s1:26379,,s2:26379"}, {"DB_HOST", "a,,b"}, {"DB_HOST", "db:x"}, {"DB_HOST", "db:0"}, {"DB_HOST", ","},
+		{"REDIS_SENTINEL_ADDRS", "s1"}, {"OUTBOX_POLL_INTERVAL", "1ns"}, {"OUTBOX_POLL_INTERVAL", "0"}, {"REDIS_SENTINEL_ADDRS", "s1:26379,,s2:26379"}, {"DB_HOST", "a,,b"}, {"DB_HOST", "db:x"}, {"DB_HOST", "db:0"}, {"DB_HOST", ","},
 		{"DB_HOST", "db:5432:5433"}, {"DB_HOST", "db/x"}, {"DB_HOST", "db?x=1"}, {"DB_HOST", "a b"},
 		{"DB_QUERY_EXEC_MODE", "fast"}, {"MIGRATE_ON_START", "maybe"},
 	}
@@ -141,5 +141,18 @@ func TestConfigLogHidesSecrets(t *testing.T) {
 	}
 	if strings.Contains(cfg.dsn(), "pg-s3cret") == false {
 		t.Errorf("DSN %q lacks the password", cfg.dsn())
+	}
+}
+
+func TestSentinelConfig(t *testing.T) {
+	if cfg, err := loadConfig(envMap(map[string]string{"REDIS_SENTINEL_ADDRS": "  "})); err != nil || cfg.sentinelAddrs() != nil || cfg.redisAddr() != "localhost:6379" {
+		t.Errorf("blank REDIS_SENTINEL_ADDRS: %v, %q, %q; want it unset", err, cfg.sentinelAddrs(), cfg.redisAddr())
+	}
+	if _, err := loadConfig(envMap(map[string]string{"REDIS_SENTINEL_ADDRS": "s1:26379", "REDIS_MASTER_NAME": " "})); err == nil || !strings.Contains(err.Error(), "REDIS_MASTER_NAME") {
+		t.Errorf("blank REDIS_MASTER_NAME with Sentinels: %v; want an error naming it", err)
+	}
+	cfg, err := loadConfig(envMap(map[string]string{"REDIS_SENTINEL_ADDRS": " s1:26379, s2:26380 ", "REDIS_MASTER_NAME": "items"}))
+	if got := cfg.sentinelAddrs(); err != nil || len(got) != 2 || got[0] != "s1:26379" || got[1] != "s2:26380" {
+		t.Errorf("REDIS_SENTINEL_ADDRS: %v %q", err, got)
 	}
 }

@@ -280,9 +280,14 @@ var (
 		o AS (INSERT INTO cache_outbox (item_id, floor) SELECT id, version + 1 FROM d)
 		SELECT version FROM d`
 	// sweepOutbox takes rows of the outbox that no other relay holds, oldest
-	// first, and deletes them when its transaction commits.
+	// first, and deletes them when its transaction commits; waitOutbox also
+	// waits for the rows another relay holds, and takes those it did not
+	// delete (its Redis failed).
 	sweepOutbox = `DELETE FROM cache_outbox WHERE id IN
 		(SELECT id FROM cache_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+		RETURNING item_id, floor`
+	waitOutbox = `DELETE FROM cache_outbox WHERE id IN
+		(SELECT id FROM cache_outbox ORDER BY id LIMIT $1 FOR UPDATE)
 		RETURNING item_id, floor`
 )
 
@@ -392,15 +397,18 @@ func (s *Store) Delete(ctx context.Context, id int64) (version int64, err error)
 	return version, err
 }
 
-// SweepOutbox takes up to limit rows of the outbox that no other replica's
-// relay holds, passes apply their invalidations (item id -> the highest
-// floor among its rows) and deletes the rows if apply returns nil; if it
-// fails, they stay for the next sweep. It returns how many rows it took.
-// The rows stay locked while apply runs (FOR UPDATE SKIP LOCKED), so that
-// replicas sweeping at once share the rows rather than all apply each.
-// One transaction of two statements: it works through PgBouncer in
-// transaction mode.
-func (s *Store) SweepOutbox(limit int, apply func(context.Context, map[int64]int64) error) (int, error) {
+// SweepOutbox takes up to limit rows of the outbox, passes apply their
+// invalidations (item id -> the highest floor among its rows) and deletes
+// the rows if apply returns nil; if it fails, they stay for the next sweep.
+// It returns how many rows it took. The rows stay locked while apply runs,
+// and rows another replica's relay holds are skipped (FOR UPDATE SKIP
+// LOCKED), so that replicas sweeping at once share the rows rather than all
+// apply each; unless wait is set: then it waits for them (at most
+// DB_QUERY_TIMEOUT), so that fewer than limit rows means that every row
+// committed before it began has been applied, by it or another relay. One
+// transaction of two statements: it works through PgBouncer in transaction
+// mode.
+func (s *Store) SweepOutbox(limit int, wait bool, apply func(context.Context, map[int64]int64) error) (int, error) {
 	ctx, cancel := context.WithTimeout(s.stop, s.timeout)
 	defer cancel()
 	tx, err := s.db.BeginTx(ctx, nil)
@@ -408,7 +416,11 @@ func (s *Store) SweepOutbox(limit int, apply func(context.Context, map[int64]int
 		return 0, s.classify(err)
 	}
 	defer tx.Rollback()
-	rows, err := tx.QueryContext(ctx, sweepOutbox, limit)
+	query := sweepOutbox
+	if wait {
+		query = waitOutbox
+	}
+	rows, err := tx.QueryContext(ctx, query, limit)
 	if err != nil {
 		return 0, s.classify(err)
 	}

@@ -576,8 +576,8 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(err, ErrUnavailable) && r.Method != http.MethodGet && !Unchanged(err):
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")
-		status, res.Error = http.StatusServiceUnavailable, "the connection to the database was lost during the write, "+
-			"so whether it was applied is unknown; read the item (or the list) before trying again"
+		status, res.Error = http.StatusServiceUnavailable, "the write reached the database but its answer did not come back "+
+			"(a timeout or a lost connection), so whether it was applied is unknown; read the item (or the list) before trying again"
 	case errors.Is(err, ErrReadOnly):
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")

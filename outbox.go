@@ -38,13 +38,13 @@ type relay struct {
 // outboxPage is the most rows one sweep transaction takes.
 const outboxPage = 1000
 
-// start holds the cache, so that no request reads Redis before the first
-// sweep, sweeps once (so a new replica starts with the cache in use), and
-// then sweeps every OUTBOX_POLL_INTERVAL and whenever the cache asks,
-// until the store is closed.
+// start holds the cache, so that no request reads Redis before a sweep,
+// sweeps a page (an empty outbox, as usual, ends the hold before the
+// replica listens), and then sweeps every OUTBOX_POLL_INTERVAL and whenever
+// the cache asks, until the store is closed.
 func (r *relay) start() {
 	r.cache.outages.hold()
-	r.sweep()
+	r.sweep(1)
 	go func() {
 		tick := time.NewTicker(r.store.outboxInterval)
 		defer tick.Stop()
@@ -55,37 +55,42 @@ func (r *relay) start() {
 			case <-tick.C:
 			case <-r.cache.outages.kick:
 			}
-			r.sweep()
+			r.sweep(0)
 		}
 	}()
 }
 
-// catchUp sweeps now for a request that found the cache held, unless
-// another request is doing so, and reports whether the hold has ended:
-// the first request after Redis comes back reads it, rather than waiting
-// for the relay's next turn.
+// catchUp sweeps a page for a request that found the cache held, unless
+// another request is doing so, and reports whether the hold has ended: the
+// first request after Redis comes back reads it, rather than waiting for
+// the relay's next turn, and waits for one page at most (a backlog is left
+// to the relay).
 func (r *relay) catchUp() bool {
 	if !r.catching.CompareAndSwap(false, true) {
 		return false
 	}
 	defer r.catching.Store(false)
-	r.sweep()
+	r.sweep(1)
 	return r.cache.outages.heldSince.Load() == 0
 }
 
-// sweep applies the outbox to Redis, a page at a time, and then ends any
-// hold on reading Redis that began before it. While this replica finds
-// Redis down it takes no rows, which the other replicas' relays would then
+// sweep applies the outbox to Redis, at most pages pages of it (0: all),
+// and if it reached the end, ends any hold on reading Redis that began
+// before it. While the cache is held, it waits for rows other replicas'
+// relays hold, rather than skipping them, so that reaching the end means
+// that every row committed before it has been applied. While this replica
+// finds Redis down it takes no rows, which the other relays would then
 // skip: requests probe Redis (outages.allow), and its return asks for a
 // sweep.
-func (r *relay) sweep() {
+func (r *relay) sweep(pages int) {
 	if r.cache.outages.downUntil.Load() != 0 {
 		return
 	}
 	start := time.Now()
-	for {
+	wait := r.cache.outages.heldSince.Load() != 0
+	for page := 1; ; page++ {
 		var redisErr error // the cache logs its own failures
-		n, err := r.store.SweepOutbox(outboxPage, func(ctx context.Context, floors map[int64]int64) error {
+		n, err := r.store.SweepOutbox(outboxPage, wait, func(ctx context.Context, floors map[int64]int64) error {
 			redisErr = r.cache.Apply(ctx, floors)
 			return redisErr
 		})
@@ -98,6 +103,9 @@ func (r *relay) sweep() {
 		r.applied.Add(int64(n))
 		if n < outboxPage {
 			r.cache.outages.release(start)
+			return
+		}
+		if page == pages {
 			return
 		}
 	}
