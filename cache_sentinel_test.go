@@ -377,3 +377,28 @@ func TestSentinelFailover(t *testing.T) {
 		t.Errorf("fill script on the promoted server after HITs: %v %v; want it loaded by EVAL after NOSCRIPT", exists, err)
 	}
 }
+
+// TestSentinelWrongMasterName: Sentinels that answer but monitor no master
+// of that name leave the cache bypassed (not every read a MISS), and
+// /ready says to check REDIS_MASTER_NAME.
+func TestSentinelWrongMasterName(t *testing.T) {
+	cfg := testConfig(t)
+	s := startSentinels(t, "redis-secret", "sentinel-secret")
+	cfg.RedisSentinelAddrs, cfg.RedisMasterName = s.addrs(), "no-such-master"
+	cfg.RedisPassword, cfg.RedisSentinelPassword = s.password, s.sentinelPassword
+	log := newLogBuffer(t).logger()
+	cache := newCache(cfg, itemShape, log)
+	t.Cleanup(func() { cache.Close() })
+	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	it := createItem(t, base, `{"name":"x"}`)
+	for i := range 3 {
+		if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), ""); res.status != 200 || res.header.Get("X-Cache") != "BYPASS" {
+			t.Errorf("GET %d: %d %s; want 200 BYPASS", i, res.status, res.header.Get("X-Cache"))
+		}
+	}
+	var ready readiness
+	res := do(t, "GET", base+"/ready", "")
+	if json.Unmarshal(res.body, &ready) != nil || ready.Redis != "down" || !strings.Contains(ready.RedisError, "REDIS_MASTER_NAME") {
+		t.Errorf("/ready: %s; want redis down, naming REDIS_MASTER_NAME", res.body)
+	}
+}
