@@ -345,16 +345,17 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 	// replica to notice this restart decides whether it came back with
 	// data, and the others take its verdict: they would find the keys it
 	// has filled since. A replica's first connection (previous == "") has
-	// nothing to compare: it takes a verdict if there is one, and vouches
-	// for an empty server, so that replicas noticing the restart later do
-	// not take its own fills for data from before.
+	// no run_id to compare but the one this deployment last saw (in Redis);
+	// it takes a verdict if there is one, and vouches for an empty server,
+	// so that replicas noticing the restart later do not take its own fills
+	// for data from before.
 	first := "0"
 	if previous == "" {
 		first = "1"
 	}
 	now := time.Now()
-	until, err := restartScript.Run(ctx, cn, []string{c.restartKey(), c.restartKey() + ":" + runID},
-		now.UnixMilli(), (o.ttl + o.retry).Milliseconds(), c.tombstoneTTL.Milliseconds(), first).Int64()
+	until, err := restartScript.Run(ctx, cn, []string{c.restartKey(), c.restartKey() + ":" + runID, c.prefix + "server"},
+		now.UnixMilli(), (o.ttl + o.retry).Milliseconds(), c.tombstoneTTL.Milliseconds(), first, runID).Int64()
 	if err != nil && (previous != "" || !isReplyError(err)) {
 		return err // a first connection to a full Redis (OOM) only leaves no verdict
 	}
@@ -377,28 +378,35 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 // restartScript records, for a Redis server found restarted, when it was
 // noticed (the restart mark, which fillScript reads) and, once per server
 // run, whether it holds data from before: then it is quarantined until a
-// time every replica takes. KEYS[1]: the restart mark; KEYS[2]: the
-// verdict for this run_id. ARGV[1]: now, Unix ms; ARGV[2]: the quarantine,
-// ms; ARGV[3]: how long the mark lives, ms (the verdict lives as long as
-// the quarantine, and at least that); ARGV[4]: "1" on a replica's first
-// connection, which only takes a verdict, or gives one for an empty
-// server. Returns the end of the quarantine, Unix ms, or 0.
+// time every replica takes. It also keeps, without a TTL, the run_id of the
+// server that this deployment's replicas last saw: a replica's first
+// connection (which has no run_id of its own to compare) takes a different
+// one for a restart, as a Redis that reloaded its data from disk or was
+// promoted by Sentinel carries the old server's. KEYS[1]: the restart mark;
+// KEYS[2]: the verdict for this run_id; KEYS[3]: the run_id last seen.
+// ARGV[1]: now, Unix ms; ARGV[2]: the quarantine, ms; ARGV[3]: how long the
+// mark lives, ms (the verdict lives as long as the quarantine, and at least
+// that); ARGV[4]: "1" on a replica's first connection, else "0" (this
+// replica saw the run_id change); ARGV[5]: the run_id. A verdict that has
+// expired for a run_id already seen means any quarantine has ended. Returns
+// the end of the quarantine, Unix ms, or 0.
 var restartScript = redis.NewScript(`
+local seen = redis.call('GET', KEYS[3])
+local restarted = ARGV[4] == '0' or (seen and seen ~= ARGV[5])
 local q = redis.call('GET', KEYS[2])
 if not q then
-  local keys = redis.call('DBSIZE') - redis.call('EXISTS', KEYS[1])
-  local ttl = math.max(tonumber(ARGV[2]), tonumber(ARGV[3]))
-  if ARGV[4] == '1' then
-    if keys == 0 then redis.call('SET', KEYS[2], 0, 'PX', ttl) end
-    return 0
-  end
   q = 0
-  if keys > 0 then q = tonumber(ARGV[1]) + tonumber(ARGV[2]) end
-  redis.call('SET', KEYS[2], q, 'PX', ttl)
+  local keys = redis.call('DBSIZE') - redis.call('EXISTS', KEYS[1]) - redis.call('EXISTS', KEYS[3])
+  if restarted and seen ~= ARGV[5] and keys > 0 then q = tonumber(ARGV[1]) + tonumber(ARGV[2]) end
+  if restarted and seen ~= ARGV[5] or keys == 0 then
+    redis.call('SET', KEYS[2], q, 'PX', math.max(tonumber(ARGV[2]), tonumber(ARGV[3])))
+  end
 end
-if ARGV[4] == '1' then return tonumber(q) end
-local at = tonumber(redis.call('GET', KEYS[1]))
-if not at or at < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
+redis.call('SET', KEYS[3], ARGV[5])
+if restarted then
+  local at = tonumber(redis.call('GET', KEYS[1]))
+  if not at or at < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end
+end
 return tonumber(q)`)
 
 // quietRedisOnce silences go-redis's own (process-wide) logger, which

@@ -473,3 +473,38 @@ func TestEmptyRestartThenNewReplica(t *testing.T) {
 		t.Errorf(`log lines "redis restarted with data": %d; want 0`, n)
 	}
 }
+
+// TestNewReplicaAfterRedisReloadedData: Redis restarts and reloads a
+// snapshot that holds an item's old value (its tombstone came after the
+// snapshot). A replica that starts then, with no run_id of its own to
+// compare, must not serve that value: the run_id its deployment last saw,
+// reloaded with the snapshot, says Redis restarted.
+func TestNewReplicaAfterRedisReloadedData(t *testing.T) {
+	cfg := testConfig(t)
+	port := freePort(t)
+	dir := t.TempDir()
+	snapshot := []string{"--dir", dir, "--dbfilename", "items.rdb"}
+	stop := startRedis(t, port, snapshot...)
+	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", port
+	log := newLogBuffer(t).logger()
+	cache := newCache(cfg, itemShape, log)
+	t.Cleanup(func() { cache.Close() })
+	first := testServer(t, log, newTestStore(t, cfg, log), cache)
+	it := createItem(t, first, `{"name":"old"}`)
+	path := fmt.Sprintf("/items/%d", it.ID)
+	do(t, "GET", first+path, "")
+	if err := cache.rdb.Save(t.Context()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if res := do(t, "PUT", first+path, `{"name":"new"}`); res.status != 200 {
+		t.Fatalf("PUT: %d %s", res.status, res.body)
+	}
+	stop() // SIGKILL: the tombstone is not saved
+	startRedis(t, port, snapshot...)
+	next := serveItems(t, log, newReplica(t, cfg, log))
+	for i := range 3 {
+		if res := do(t, "GET", next+path, ""); !strings.Contains(string(res.body), `"new"`) {
+			t.Fatalf("GET %d on a replica started after Redis reloaded its snapshot: %s %s; want the new name", i, res.header.Get("X-Cache"), res.body)
+		}
+	}
+}
