@@ -499,6 +499,17 @@ func TestNewReplicaAfterRedisReloadedData(t *testing.T) {
 	if res := do(t, "PUT", first+path, `{"name":"new"}`); res.status != 200 {
 		t.Fatalf("PUT: %d %s", res.status, res.body)
 	}
+	// Once the relay has swept the PUT's outbox row, only the restart
+	// detection is left to stop the old value.
+	waitFor(t, "the outbox to be swept", func() bool {
+		var n int
+		db, err := sql.Open("pgx", cfg.dsn())
+		if err == nil {
+			defer db.Close()
+			err = db.QueryRowContext(t.Context(), "SELECT count(*) FROM cache_outbox").Scan(&n)
+		}
+		return err == nil && n == 0
+	})
 	stop() // SIGKILL: the tombstone is not saved
 	startRedis(t, port, snapshot...)
 	next := serveItems(t, log, newReplica(t, cfg, log))
