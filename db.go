@@ -108,10 +108,11 @@ type Store struct {
 	// outboxInterval is OUTBOX_POLL_INTERVAL: how often each replica's
 	// relay sweeps the outbox (outbox.go).
 	outboxInterval time.Duration
-	lastDrop       atomic.Int64 // when idle connections were last dropped, Unix ns
-	errors         atomic.Int64 // queries that failed, not counting "not found"
-	retries        atomic.Int64 // statements run again after a stale plan or a dead connection
-	connects       atomic.Int64 // connections made, by both pools
+	sweepIdle      time.Duration // how long a sweep's transaction may wait on Redis
+	lastDrop       atomic.Int64  // when idle connections were last dropped, Unix ns
+	errors         atomic.Int64  // queries that failed, not counting "not found"
+	retries        atomic.Int64  // statements run again after a stale plan or a dead connection
+	connects       atomic.Int64  // connections made, by both pools
 }
 
 // dsn builds the connection URL for pgx from the DB_* settings. With
@@ -148,7 +149,8 @@ func openStore(ctx context.Context, cfg Config, log *slog.Logger) (*Store, error
 	if err != nil {
 		return nil, fmt.Errorf("PostgreSQL settings: %w", err)
 	}
-	s := &Store{timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns, outboxInterval: cfg.OutboxInterval}
+	s := &Store{timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns, outboxInterval: cfg.OutboxInterval,
+		sweepIdle: 2*cfg.RedisTimeout + time.Second}
 	s.stop, s.cut = context.WithCancel(context.Background())
 	counted := stdlib.OptionAfterConnect(func(context.Context, *pgx.Conn) error {
 		s.connects.Add(1)
@@ -416,6 +418,13 @@ func (s *Store) SweepOutbox(limit int, wait bool, apply func(context.Context, ma
 		return 0, s.classify(err)
 	}
 	defer tx.Rollback()
+	// A replica that stops mid-sweep (frozen, or cut off from PostgreSQL
+	// with its session left open) must not hold the rows for long: the
+	// others skip them meanwhile. The transaction is idle only while apply
+	// calls Redis (REDIS_TIMEOUT at most).
+	if _, err := tx.ExecContext(ctx, fmt.Sprintf("SET LOCAL idle_in_transaction_session_timeout = %d", s.sweepIdle.Milliseconds())); err != nil {
+		return 0, s.classify(err)
+	}
 	query := sweepOutbox
 	if wait {
 		query = waitOutbox

@@ -22,7 +22,7 @@ import (
 // is disconnected, does not pass PgBouncer in transaction mode, and would
 // make each write's commit take NOTIFY's global lock; a poll of an outbox
 // that is empty, or a page of rows, costs one short transaction
-// (docs/scaling.md has the figures).
+// (docs/performance.md has the figures).
 //
 // A relay also guards reads: while Redis may be behind the outbox (when
 // the relay starts, and whenever Redis comes back after an outage), the
@@ -96,7 +96,7 @@ func (r *relay) sweep(pages int) {
 		})
 		if err != nil {
 			if redisErr == nil && r.store.stop.Err() == nil {
-				r.cache.outages.warnRarely("could not read the cache outbox from PostgreSQL; trying again", "err", err)
+				r.cache.outages.warnRarely("could not sweep the cache outbox in PostgreSQL (unreachable, or its rows held by another replica's sweep); trying again", "err", err)
 			}
 			return
 		}

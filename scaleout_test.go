@@ -393,7 +393,6 @@ func TestOutboxOfAKilledWriter(t *testing.T) {
 // outbox. Here the rows' holder is the test, in a transaction.
 func TestHoldWaitsForLockedOutboxRows(t *testing.T) {
 	cfg := testConfig(t)
-	cfg.OutboxInterval = time.Hour // only the requests sweep, as they catch up
 	port := freePort(t)
 	startRedis(t, port)
 	p := newProxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
