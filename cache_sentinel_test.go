@@ -387,9 +387,7 @@ func TestSentinelWrongMasterName(t *testing.T) {
 	cfg.RedisSentinelAddrs, cfg.RedisMasterName = s.addrs(), "no-such-master"
 	cfg.RedisPassword, cfg.RedisSentinelPassword = s.password, s.sentinelPassword
 	log := newLogBuffer(t).logger()
-	cache := newCache(cfg, itemShape, log)
-	t.Cleanup(func() { cache.Close() })
-	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	base, _ := serveWithCache(t, cfg, log)
 	it := createItem(t, base, `{"name":"x"}`)
 	for i := range 3 {
 		if res := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), ""); res.status != 200 || res.header.Get("X-Cache") != "BYPASS" {

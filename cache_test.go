@@ -1065,9 +1065,7 @@ func TestRedisACL(t *testing.T) {
 	cfg.RedisHost, cfg.RedisPort, cfg.RedisUsername, cfg.RedisPassword = "127.0.0.1", port, "items", "pw"
 	logs := newLogBuffer(t)
 	log := logs.logger()
-	cache := newCache(cfg, itemShape, log)
-	t.Cleanup(func() { cache.Close() })
-	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	base, _ := serveWithCache(t, cfg, log)
 	it := createItem(t, base, `{"name":"acl"}`)
 	url := fmt.Sprintf("%s/items/%d", base, it.ID)
 	for range 3 {
@@ -1108,9 +1106,7 @@ func TestFirstReadAfterRedisIsBack(t *testing.T) {
 	stop := startRedis(t, port)
 	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", port
 	log := newLogBuffer(t).logger()
-	cache := newCache(cfg, itemShape, log)
-	t.Cleanup(func() { cache.Close() })
-	base := testServer(t, log, newTestStore(t, cfg, log), cache)
+	base, _ := serveWithCache(t, cfg, log)
 	it := createItem(t, base, `{"name":"old"}`)
 	url := fmt.Sprintf("%s/items/%d", base, it.ID)
 	do(t, "GET", url, "")

@@ -180,6 +180,17 @@ func testServer(t testing.TB, log *slog.Logger, store *Store, cache *Cache) stri
 	return serveItems(t, log, newItems(store, cache))
 }
 
+// serveWithCache serves the API with a new store and a cache of cfg's
+// Redis, one the test runs itself (its keys are not deleted at the end, as
+// newTestCache deletes them on the shared one), and returns its base URL
+// and the cache.
+func serveWithCache(t testing.TB, cfg Config, log *slog.Logger) (string, *Cache) {
+	t.Helper()
+	cache := newCache(cfg, itemShape, log)
+	t.Cleanup(func() { cache.Close() })
+	return testServer(t, log, newTestStore(t, cfg, log), cache), cache
+}
+
 // serveItems is testServer for a test that looks into items.
 func serveItems(t testing.TB, log *slog.Logger, items *Items) string {
 	t.Helper()
