@@ -111,7 +111,20 @@ func (o *outages) release(sweepStart time.Time) {
 
 // readable reports whether a value Redis returned may be served: Redis is
 // neither quarantined nor held.
-func (o *outages) readable() bool { return o.heldSince.Load() == 0 && !o.quarantined() }
+func (o *outages) readable() bool { return !o.held() && !o.quarantined() }
+
+// held reports whether Redis is held (hold) and not yet released.
+func (o *outages) held() bool { return o.heldSince.Load() != 0 }
+
+// heldLately reports whether Redis has been held for less than a second:
+// just back after an outage, rather than behind a backlog.
+func (o *outages) heldLately() bool {
+	h := o.heldSince.Load()
+	return h != 0 && time.Now().UnixNano()-h < int64(time.Second)
+}
+
+// down reports whether Redis failed and has not answered since.
+func (o *outages) down() bool { return o.downUntil.Load() != 0 }
 
 // failed records that Redis did not answer op: it is bypassed for the retry
 // interval, unless the client went away, which says nothing about Redis.
@@ -393,12 +406,13 @@ func (c *Cache) onConnect(ctx context.Context, cn *redis.Conn) error {
 var restartScript = redis.NewScript(`
 local seen = redis.call('GET', KEYS[3])
 local restarted = ARGV[4] == '0' or (seen and seen ~= ARGV[5])
+local first = restarted and seen ~= ARGV[5] -- the first replica to notice this run
 local q = redis.call('GET', KEYS[2])
 if not q then
   q = 0
   local keys = redis.call('DBSIZE') - redis.call('EXISTS', KEYS[1]) - redis.call('EXISTS', KEYS[3])
-  if restarted and seen ~= ARGV[5] and keys > 0 then q = tonumber(ARGV[1]) + tonumber(ARGV[2]) end
-  if restarted and seen ~= ARGV[5] or keys == 0 then
+  if first and keys > 0 then q = tonumber(ARGV[1]) + tonumber(ARGV[2]) end
+  if first or keys == 0 then
     redis.call('SET', KEYS[2], q, 'PX', math.max(tonumber(ARGV[2]), tonumber(ARGV[3])))
   end
 end

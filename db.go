@@ -281,15 +281,11 @@ var (
 	deleteItem = `WITH d AS (DELETE FROM items WHERE id = $1::bigint RETURNING id, version),
 		o AS (INSERT INTO cache_outbox (item_id, floor) SELECT id, version + 1 FROM d)
 		SELECT version FROM d`
-	// sweepOutbox takes rows of the outbox that no other relay holds, oldest
-	// first, and deletes them when its transaction commits; waitOutbox also
-	// waits for the rows another relay holds, and takes those it did not
-	// delete (its Redis failed).
+	// sweepOutbox takes rows of the outbox, oldest first, locking them
+	// (FOR UPDATE, then SKIP LOCKED or nothing: see SweepOutbox), and
+	// deletes them when its transaction commits.
 	sweepOutbox = `DELETE FROM cache_outbox WHERE id IN
-		(SELECT id FROM cache_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-		RETURNING item_id, floor`
-	waitOutbox = `DELETE FROM cache_outbox WHERE id IN
-		(SELECT id FROM cache_outbox ORDER BY id LIMIT $1 FOR UPDATE)
+		(SELECT id FROM cache_outbox ORDER BY id LIMIT $1 FOR UPDATE %s)
 		RETURNING item_id, floor`
 )
 
@@ -425,11 +421,11 @@ func (s *Store) SweepOutbox(limit int, wait bool, apply func(context.Context, ma
 	if _, err := tx.ExecContext(ctx, fmt.Sprintf("SET LOCAL idle_in_transaction_session_timeout = %d", s.sweepIdle.Milliseconds())); err != nil {
 		return 0, s.classify(err)
 	}
-	query := sweepOutbox
+	skip := "SKIP LOCKED"
 	if wait {
-		query = waitOutbox
+		skip = "" // waits for the rows another relay holds, and takes those it did not delete (its Redis failed)
 	}
-	rows, err := tx.QueryContext(ctx, query, limit)
+	rows, err := tx.QueryContext(ctx, fmt.Sprintf(sweepOutbox, skip), limit)
 	if err != nil {
 		return 0, s.classify(err)
 	}

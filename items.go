@@ -72,11 +72,9 @@ func shapeOf(t reflect.Type) string {
 // that caller still waits for it, at most DB_QUERY_TIMEOUT.
 func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
 	body, outcome := s.cache.Get(ctx, id)
-	if held := s.cache.outages.heldSince.Load(); outcome == Bypass && held != 0 &&
-		time.Since(time.Unix(0, held)) < time.Second && s.relay.catchUp() {
+	if outcome == Bypass && s.relay.catchUp() {
 		// Redis is back after an outage: this request brought it up to
-		// date with the outbox, so it may read it now. Only in the first
-		// second of a hold: a longer one is a backlog, the relay's to drain.
+		// date with the outbox, so it may read it now.
 		body, outcome = s.cache.Get(ctx, id)
 	}
 	s.outcomes[outcome].Add(1)

@@ -60,18 +60,18 @@ func (r *relay) start() {
 	}()
 }
 
-// catchUp sweeps a page for a request that found the cache held, unless
-// another request is doing so, and reports whether the hold has ended: the
-// first request after Redis comes back reads it, rather than waiting for
-// the relay's next turn, and waits for one page at most (a backlog is left
-// to the relay).
+// catchUp sweeps a page for a request that found the cache held within
+// the last second, unless another request is doing so, and reports whether
+// the hold has ended: the first request after Redis comes back reads it,
+// rather than waiting for the relay's next turn, and waits for one page at
+// most (a longer hold is a backlog, the relay's to drain).
 func (r *relay) catchUp() bool {
-	if !r.catching.CompareAndSwap(false, true) {
+	if !r.cache.outages.heldLately() || !r.catching.CompareAndSwap(false, true) {
 		return false
 	}
 	defer r.catching.Store(false)
 	r.sweep(1)
-	return r.cache.outages.heldSince.Load() == 0
+	return !r.cache.outages.held()
 }
 
 // sweep applies the outbox to Redis, at most pages pages of it (0: all),
@@ -83,11 +83,11 @@ func (r *relay) catchUp() bool {
 // skip: requests probe Redis (outages.allow), and its return asks for a
 // sweep.
 func (r *relay) sweep(pages int) {
-	if r.cache.outages.downUntil.Load() != 0 {
+	if r.cache.outages.down() {
 		return
 	}
 	start := time.Now()
-	wait := r.cache.outages.heldSince.Load() != 0
+	wait := r.cache.outages.held()
 	for page := 1; ; page++ {
 		var redisErr error // the cache logs its own failures
 		n, err := r.store.SweepOutbox(outboxPage, wait, func(ctx context.Context, floors map[int64]int64) error {
