@@ -107,15 +107,15 @@ func (c *Cache) Key(id int64) string {
 	return c.prefix + strconv.FormatInt(id, 10)
 }
 
-// Get returns the cached body of item id with Hit, or nil with Miss (no
+// Get returns the cached body of item id and its version with Hit, or nil with Miss (no
 // such key, a tombstone, a value this build did not write for this item, or
 // a key of another type, WRONGTYPE, which the next Fill replaces) or Bypass
 // (Redis not asked, or it failed, or it may not be read yet: see outages).
 // Invalidations missed earlier are done first; until they succeed, Redis
 // is not read.
-func (c *Cache) Get(ctx context.Context, id int64) (body []byte, outcome Outcome) {
+func (c *Cache) Get(ctx context.Context, id int64) (body []byte, version int64, outcome Outcome) {
 	if !c.outages.usable() || !c.flushMissed(ctx) {
-		return nil, Bypass
+		return nil, 0, Bypass
 	}
 	v, err := c.rdb.Get(ctx, c.Key(id)).Bytes()
 	switch {
@@ -125,21 +125,21 @@ func (c *Cache) Get(ctx context.Context, id int64) (body []byte, outcome Outcome
 			// The GET was the first on a new connection to a restarted
 			// Redis, or the first after an outage, before the relay has
 			// brought Redis up to date with the outbox.
-			return nil, Bypass
+			return nil, 0, Bypass
 		}
 		if err == redis.Nil {
-			return nil, Miss
+			return nil, 0, Miss
 		}
-		if body, ok := c.body(v, id); ok {
-			return body, Hit
+		if body, version, ok := c.body(v, id); ok {
+			return body, version, Hit
 		}
-		return nil, Miss
+		return nil, 0, Miss
 	case redis.HasErrorPrefix(err, "WRONGTYPE"):
 		c.outages.refused("GET", c.Key(id), err)
-		return nil, Miss
+		return nil, 0, Miss
 	}
 	c.outages.failed(ctx, "GET", err)
-	return nil, Bypass
+	return nil, 0, Bypass
 }
 
 // Fill caches body, the JSON of item id at version, with the TTL, unless
@@ -290,29 +290,30 @@ func checksum(head, body []byte) [8]byte {
 	return digits
 }
 
-// body returns the JSON in v, a cached value of item id, if v is what value
+// body returns the JSON in v, a cached value of item id, and its version, if v is what value
 // writes for that item: this shape, a checksum that matches, and JSON that
 // begins {"id":<id>,. Anything else but a tombstone (a value written by a
 // build with another shape or by another program, cut short, or copied from
 // another item's key) is warned about, at most once a minute.
-func (c *Cache) body(v []byte, id int64) ([]byte, bool) {
+func (c *Cache) body(v []byte, id int64) ([]byte, int64, bool) {
 	colon := []byte(":")
 	version, rest, ok := bytes.Cut(v, colon)
 	if ok && len(rest) == 0 && isDigits(version) {
-		return nil, false // a tombstone
+		return nil, 0, false // a tombstone
 	}
 	shape, rest, ok2 := bytes.Cut(rest, colon)
 	sum, body, ok3 := bytes.Cut(rest, colon)
 	if ok && ok2 && ok3 && isDigits(version) && string(shape) == c.shape {
 		want := checksum(v[:len(version)+len(shape)+2], body)
 		start := append(strconv.AppendInt(append(make([]byte, 0, 32), `{"id":`...), id, 10), ',')
-		if string(sum) == string(want[:]) && bytes.HasPrefix(body, start) {
-			return body, true
+		n, err := strconv.ParseInt(string(version), 10, 64) // no copy: strconv's errors clone their input
+		if string(sum) == string(want[:]) && bytes.HasPrefix(body, start) && err == nil {
+			return body, n, true
 		}
 	}
 	c.outages.warnRarely("a cached value is not what this service caches for its item (written by a build with other item fields or by another program, cut short, or another item's); reading PostgreSQL and replacing it",
 		"key", c.Key(id))
-	return nil, false
+	return nil, 0, false
 }
 
 func isDigits(b []byte) bool {

@@ -1023,19 +1023,19 @@ func TestItemShapes(t *testing.T) {
 	mine, theirs := []byte(`{"id":7,"name":"a"}`), []byte(`{"id":7,"name":"a","extra":5}`)
 
 	this.Fill(ctx, 7, 1, mine, time.Now())
-	if _, outcome := other.Get(ctx, 7); outcome != Miss {
+	if _, _, outcome := other.Get(ctx, 7); outcome != Miss {
 		t.Errorf("the other build reading this build's value: %s; want MISS", outcome)
 	}
 	other.Fill(ctx, 7, 1, theirs, time.Now())
-	if body, outcome := other.Get(ctx, 7); outcome != Hit || string(body) != string(theirs) {
+	if body, version, outcome := other.Get(ctx, 7); outcome != Hit || string(body) != string(theirs) || version != 1 {
 		t.Errorf("the other build reading its own value: %s %s; want HIT %s", outcome, body, theirs)
 	}
-	if _, outcome := this.Get(ctx, 7); outcome != Miss {
+	if _, _, outcome := this.Get(ctx, 7); outcome != Miss {
 		t.Errorf("this build reading the other build's value: %s; want MISS", outcome)
 	}
 	other.Invalidate(ctx, 7, 2) // a write through the other build
 	this.Fill(ctx, 7, 1, mine, time.Now())
-	if _, outcome := this.Get(ctx, 7); outcome != Miss {
+	if _, _, outcome := this.Get(ctx, 7); outcome != Miss {
 		t.Errorf("after the other build's write, a fill of the old version: %s; want MISS (the tombstone holds)", outcome)
 	}
 }

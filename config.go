@@ -31,6 +31,10 @@ type Config struct {
 	DBQueryExecMode  string        // DB_QUERY_EXEC_MODE: pgx's default_query_exec_mode; exec or simple_protocol behind PgBouncer in transaction mode.
 	MigrateOnStart   bool          // MIGRATE_ON_START: apply pending migrations at startup (true), or only check that none is pending (false).
 	OutboxInterval   time.Duration // OUTBOX_POLL_INTERVAL: how often each replica applies the cache outbox to Redis; bounds how long an invalidation its writer could not deliver takes.
+	// REQUIRE_IF_MATCH: refuse (428) a PUT, PATCH or DELETE without
+	// If-Match, so that no client can overwrite a change it has not seen.
+	RequireIfMatch    bool
+	IdempotencyKeyTTL time.Duration // IDEMPOTENCY_KEY_TTL: how long a POST's Idempotency-Key and its response are kept for retries.
 
 	RedisHost     string // REDIS_HOST
 	RedisPort     int    // REDIS_PORT
@@ -75,6 +79,8 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		DBQueryExecMode:  p.oneOf("DB_QUERY_EXEC_MODE", "cache_statement", "cache_statement", "cache_describe", "describe_exec", "exec", "simple_protocol"),
 		MigrateOnStart:   p.boolean("MIGRATE_ON_START", true),
 		OutboxInterval:   p.duration("OUTBOX_POLL_INTERVAL", 250*time.Millisecond),
+		RequireIfMatch:    p.boolean("REQUIRE_IF_MATCH", false),
+		IdempotencyKeyTTL: p.duration("IDEMPOTENCY_KEY_TTL", 24*time.Hour),
 
 		RedisHost:             p.str("REDIS_HOST", "localhost"),
 		RedisPort:             p.port("REDIS_PORT", 6379, false),
@@ -123,6 +129,9 @@ func loadConfig(getenv func(string) string) (Config, error) {
 	if c.DBSchema != "" && !validIdentifier(c.DBSchema) {
 		p.fail("DB_SCHEMA", c.DBSchema, "must be lowercase letters, digits and underscores, not starting with a digit")
 	}
+	if c.IdempotencyKeyTTL > 0 && c.IdempotencyKeyTTL < time.Second {
+		p.fail("IDEMPOTENCY_KEY_TTL", getenv("IDEMPOTENCY_KEY_TTL"), "must be at least 1s (keys are kept for retries, which come seconds to hours later)")
+	}
 	if c.CacheTTL > 0 && c.CacheTTL < time.Millisecond {
 		p.fail("CACHE_TTL", getenv("CACHE_TTL"), "must be at least 1ms (Redis expiry resolution)")
 	}
@@ -147,6 +156,8 @@ func (c Config) LogValue() slog.Value {
 		slog.String("DB_QUERY_EXEC_MODE", c.DBQueryExecMode),
 		slog.Bool("MIGRATE_ON_START", c.MigrateOnStart),
 		slog.Duration("OUTBOX_POLL_INTERVAL", c.OutboxInterval),
+		slog.Bool("REQUIRE_IF_MATCH", c.RequireIfMatch),
+		slog.Duration("IDEMPOTENCY_KEY_TTL", c.IdempotencyKeyTTL),
 		slog.String("REDIS_HOST", c.RedisHost),
 		slog.Int("REDIS_PORT", c.RedisPort),
 		slog.String("REDIS_USERNAME", c.RedisUsername),

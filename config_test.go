@@ -26,7 +26,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 		RedisHost: "localhost", RedisPort: 6379, RedisTimeout: 200 * time.Millisecond, RedisRetry: time.Second,
 		CacheTTL: time.Minute, CacheKeyPrefix: "item:", ShutdownTimeout: 5 * time.Second,
 		LogLevel: slog.LevelInfo, LogFormat: "text", DBQueryExecMode: "cache_statement", MigrateOnStart: true,
-		RedisMasterName: "mymaster", OutboxInterval: 250 * time.Millisecond,
+		RedisMasterName: "mymaster", OutboxInterval: 250 * time.Millisecond, IdempotencyKeyTTL: 24 * time.Hour,
 	}
 	if cfg != want {
 		t.Errorf("defaults:\ngot  %+v\nwant %+v", cfg, want)
@@ -58,7 +58,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"DB_MAX_CONNS", "0"}, {"REDIS_DB", "16"}, {"DB_SSLMODE", "maybe"},
 		{"DB_SCHEMA", "Robert'); DROP"}, {"DB_SCHEMA", "1abc"},
 		{"LOG_LEVEL", "loud"}, {"LOG_FORMAT", "xml"},
-		{"REDIS_SENTINEL_ADDRS", "s1"}, {"OUTBOX_POLL_INTERVAL", "1ns"}, {"OUTBOX_POLL_INTERVAL", "0"}, {"REDIS_SENTINEL_ADDRS", "s1:26379,,s2:26379"}, {"DB_HOST", "a,,b"}, {"DB_HOST", "db:x"}, {"DB_HOST", "db:0"}, {"DB_HOST", ","},
+		{"REDIS_SENTINEL_ADDRS", "s1"}, {"OUTBOX_POLL_INTERVAL", "1ns"}, {"OUTBOX_POLL_INTERVAL", "0"}, {"IDEMPOTENCY_KEY_TTL", "500ms"}, {"IDEMPOTENCY_KEY_TTL", "0"}, {"REQUIRE_IF_MATCH", "maybe"}, {"REDIS_SENTINEL_ADDRS", "s1:26379,,s2:26379"}, {"DB_HOST", "a,,b"}, {"DB_HOST", "db:x"}, {"DB_HOST", "db:0"}, {"DB_HOST", ","},
 		{"DB_HOST", "db:5432:5433"}, {"DB_HOST", "db/x"}, {"DB_HOST", "db?x=1"}, {"DB_HOST", "a b"},
 		{"DB_QUERY_EXEC_MODE", "fast"}, {"MIGRATE_ON_START", "maybe"},
 	}

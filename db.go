@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"database/sql/driver"
@@ -12,6 +13,7 @@ import (
 	"net"
 	"net/url"
 	"reflect"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -90,7 +92,31 @@ var (
 	// ErrOutcomeUnknown marks a write that was sent, lost its connection,
 	// and was retried without success: the first try may have committed.
 	ErrOutcomeUnknown = errors.New("a try of the write may have been applied")
+	// ErrKeyInUse means a create under the same idempotency key is still
+	// running: nothing was written.
+	ErrKeyInUse = errors.New("a request with this idempotency key is still running")
+	// ErrKeyReused means the idempotency key was first used with another
+	// request: nothing was written.
+	ErrKeyReused = errors.New("the idempotency key was used for another request")
 )
+
+// PreconditionError is the error of a conditional write (If-Match) that
+// found its item at a version it did not list: nothing was written.
+// Version is the item's version then.
+type PreconditionError struct{ Version int64 }
+
+func (e *PreconditionError) Error() string {
+	return fmt.Sprintf("precondition failed: the item is at version %d", e.Version)
+}
+
+// Response is what a create under an idempotency key answered, as the key
+// records it, to be sent again as it was to a retry.
+type Response struct {
+	Status   int
+	Location string
+	ETag     string
+	Body     []byte
+}
 
 // Store is the items table behind a bounded pool of PostgreSQL connections.
 // Every method's statement runs on a context of the Store's own (ended by
@@ -109,6 +135,7 @@ type Store struct {
 	// relay sweeps the outbox (outbox.go).
 	outboxInterval time.Duration
 	sweepIdle      time.Duration // how long a sweep's transaction may wait on Redis
+	keyTTL         time.Duration // IDEMPOTENCY_KEY_TTL
 	lastDrop       atomic.Int64  // when idle connections were last dropped, Unix ns
 	errors         atomic.Int64  // queries that failed, not counting "not found"
 	retries        atomic.Int64  // statements run again after a stale plan or a dead connection
@@ -150,7 +177,7 @@ func openStore(ctx context.Context, cfg Config, log *slog.Logger) (*Store, error
 		return nil, fmt.Errorf("PostgreSQL settings: %w", err)
 	}
 	s := &Store{timeout: cfg.DBQueryTimeout, maxConns: cfg.DBMaxConns, outboxInterval: cfg.OutboxInterval,
-		sweepIdle: 2*cfg.RedisTimeout + time.Second}
+		sweepIdle: 2*cfg.RedisTimeout + time.Second, keyTTL: cfg.IdempotencyKeyTTL}
 	s.stop, s.cut = context.WithCancel(context.Background())
 	counted := stdlib.OptionAfterConnect(func(context.Context, *pgx.Conn) error {
 		s.connects.Add(1)
@@ -272,15 +299,15 @@ var (
 	insertItem  = "INSERT INTO items (name, description) VALUES ($1, $2) RETURNING " + itemColumns
 	selectItem  = "SELECT " + itemColumns + " FROM items WHERE id = $1::bigint"
 	selectItems = "SELECT " + itemColumns + " FROM items WHERE id > $1::bigint ORDER BY id LIMIT $2"
-	replaceItem = withOutbox("UPDATE items SET name = $2, description = $3, version = version + 1 WHERE id = $1::bigint")
+	replaceItem = withOutbox("UPDATE items SET name = $2, description = $3, version = version + 1 " + whereMatches(4))
 	patchItem   = withOutbox(`UPDATE items SET
 			name = CASE WHEN $2 THEN $3 ELSE name END,
 			description = CASE WHEN $4 THEN $5 ELSE description END,
-			version = version + 1
-		WHERE id = $1::bigint`)
-	deleteItem = `WITH d AS (DELETE FROM items WHERE id = $1::bigint RETURNING id, version),
+			version = version + 1 ` + whereMatches(6))
+	deleteItem = `WITH d AS (DELETE FROM items ` + whereMatches(2) + ` RETURNING id, version),
 		o AS (INSERT INTO cache_outbox (item_id, floor) SELECT id, version + 1 FROM d)
 		SELECT version FROM d`
+	selectVersion = "SELECT version FROM items WHERE id = $1::bigint"
 	// sweepOutbox takes rows of the outbox, oldest first, locking them
 	// (FOR UPDATE, then SKIP LOCKED or nothing: see SweepOutbox), and
 	// deletes them when its transaction commits.
@@ -288,6 +315,15 @@ var (
 		(SELECT id FROM cache_outbox ORDER BY id LIMIT $1 FOR UPDATE %s)
 		RETURNING item_id, floor`
 )
+
+// whereMatches is the WHERE clause of a write of item $1 whose precondition
+// is parameter n: a bigint[] of the versions it may change (If-Match), or
+// NULL for any. PostgreSQL decides it on the row it locks, after any
+// concurrent write of it has committed, so of concurrent writes listing the
+// same version exactly one finds it.
+func whereMatches(n int) string {
+	return fmt.Sprintf("WHERE id = $1::bigint AND ($%d::bigint[] IS NULL OR version = ANY($%d::bigint[]))", n, n)
+}
 
 // withOutbox is update, an UPDATE of one item, returning the item as
 // stored and adding, in the same statement, its outbox row (the
@@ -328,6 +364,107 @@ func (s *Store) Create(ctx context.Context, it Item) (stored Item, err error) {
 	return stored, err
 }
 
+// The statements of a create under an idempotency key (CreateOnce), and
+// of their expiry. Durations are in milliseconds.
+var (
+	// lockKey bounds how long the transaction may sit idle (a replica cut
+	// off mid-create must not hold its key for long), then takes the key's
+	// advisory lock unless another transaction holds it. The lock is a
+	// 64-bit hash of the key and the schema (schemas sharing a database,
+	// such as the tests', do not share keys); two keys whose hashes collide
+	// only make one wait (409) while the other runs.
+	lockKey = `SELECT set_config('idle_in_transaction_session_timeout', $2, true),
+		pg_try_advisory_xact_lock(hashtextextended('idempotency key ' || current_schema() || ' ' || $1, 0))`
+	selectKey = `SELECT fingerprint, status, location, etag, body FROM idempotency_keys
+		WHERE key = $1 AND created > now() - $2 * interval '1 millisecond'`
+	// insertKey replaces an expired row of the key that ExpireKeys has not
+	// deleted yet.
+	insertKey = `INSERT INTO idempotency_keys (key, fingerprint, status, location, etag, body)
+		VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key) DO UPDATE
+		SET fingerprint = $2, status = $3, location = $4, etag = $5, body = $6, created = now()`
+	expireKeys = `DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys
+		WHERE created <= now() - $1 * interval '1 millisecond' ORDER BY created LIMIT $2 FOR UPDATE SKIP LOCKED)`
+)
+
+// CreateOnce is Create under an idempotency key. The first call with key
+// inserts it, and in the same transaction records the key, fingerprint
+// (of the request) and the response that respond makes of the stored
+// item. A later call with key and the same fingerprint, within
+// IDEMPOTENCY_KEY_TTL, inserts nothing and returns the recorded response,
+// with replayed set. Errors: ErrKeyInUse (a call with key is running),
+// ErrKeyReused (key was recorded with another fingerprint),
+// ErrUnavailable. Running it twice is safe, so after a lost connection it
+// runs again as a read does (withConn): the second run finds the first's
+// record if it committed.
+func (s *Store) CreateOnce(ctx context.Context, key string, fingerprint []byte, it Item,
+	respond func(Item) (Response, error)) (res Response, replayed bool, err error) {
+	err = s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
+		replayed = false
+		tx, err := c.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		var setting string
+		var locked bool
+		idle := strconv.FormatInt(s.timeout.Milliseconds(), 10) // the caller has given up by then
+		if err := tx.QueryRowContext(ctx, lockKey, key, idle).Scan(&setting, &locked); err != nil {
+			return err
+		}
+		if !locked {
+			return ErrKeyInUse
+		}
+		var recorded []byte
+		err = tx.QueryRowContext(ctx, selectKey, key, s.keyTTL.Milliseconds()).Scan(
+			&recorded, &res.Status, &res.Location, &res.ETag, &res.Body)
+		switch {
+		case err == nil && !bytes.Equal(recorded, fingerprint):
+			return ErrKeyReused
+		case err == nil:
+			replayed = true
+			return nil
+		case !errors.Is(err, sql.ErrNoRows):
+			return err
+		}
+		stored, err := s.scanItem(tx.QueryRowContext(ctx, insertItem, it.Name, it.Description))
+		if err != nil {
+			return err
+		}
+		if res, err = respond(stored); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, insertKey, key, fingerprint, res.Status, res.Location, res.ETag, string(res.Body)); err != nil {
+			return err
+		}
+		return tx.Commit()
+	})
+	return res, replayed, err
+}
+
+// keyBatch is the most idempotency keys one statement of ExpireKeys deletes.
+const keyBatch = 1000
+
+// ExpireKeys deletes the idempotency keys older than IDEMPOTENCY_KEY_TTL,
+// oldest first, keyBatch rows per statement: each a short one that locks
+// only the rows it deletes (none of items), and replicas expiring at once
+// skip each other's rows. It returns how many it deleted.
+func (s *Store) ExpireKeys() (int64, error) {
+	var total int64
+	for {
+		ctx, cancel := context.WithTimeout(s.stop, s.timeout)
+		res, err := s.db.ExecContext(ctx, expireKeys, s.keyTTL.Milliseconds(), keyBatch)
+		cancel()
+		if err != nil {
+			return total, s.classify(err)
+		}
+		n, err := res.RowsAffected()
+		total += n
+		if err != nil || n < keyBatch {
+			return total, s.classify(err)
+		}
+	}
+}
+
 // Get returns the item with the given id, or ErrNotFound.
 func (s *Store) Get(ctx context.Context, id int64) (it Item, err error) {
 	err = s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
@@ -361,38 +498,59 @@ func (s *Store) List(ctx context.Context, after int64, limit int) (list []Item, 
 }
 
 // Replace sets every field of item it.ID to it's (a nil description stores
-// NULL), adds one to its version and returns it as stored, or ErrNotFound.
-func (s *Store) Replace(ctx context.Context, it Item) (stored Item, err error) {
+// NULL), adds one to its version and returns it as stored. ifMatch, if not
+// nil, lists the versions it may replace (see precondition).
+// Errors: ErrNotFound, *PreconditionError.
+func (s *Store) Replace(ctx context.Context, it Item, ifMatch []int64) (stored Item, err error) {
 	err = s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
-		stored, err = s.scanItem(c.QueryRowContext(ctx, replaceItem, it.ID, it.Name, it.Description))
-		return err
+		stored, err = s.scanItem(c.QueryRowContext(ctx, replaceItem, it.ID, it.Name, it.Description, ifMatch))
+		return precondition(ctx, c, it.ID, ifMatch, err)
 	})
 	return stored, err
 }
 
 // Patch changes the fields that in sets (to NULL where it sets null), adds
-// one to the version and returns the item as stored, or ErrNotFound. It is
-// one statement, so concurrent patches of different fields never undo each
-// other.
-func (s *Store) Patch(ctx context.Context, id int64, in Input) (stored Item, err error) {
+// one to the version and returns the item as stored. It is one statement,
+// so concurrent patches of different fields never undo each other. Errors
+// as Replace.
+func (s *Store) Patch(ctx context.Context, id int64, in Input, ifMatch []int64) (stored Item, err error) {
 	err = s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
 		stored, err = s.scanItem(c.QueryRowContext(ctx, patchItem,
-			id, in.Name.Set, in.Name.Value, in.Description.Set, in.Description.Value))
-		return err
+			id, in.Name.Set, in.Name.Value, in.Description.Set, in.Description.Value, ifMatch))
+		return precondition(ctx, c, id, ifMatch, err)
 	})
 	return stored, err
 }
 
 // Replace, Patch and Delete also add the item's outbox row (withOutbox).
 
-// Delete deletes item id and returns the version it had, or ErrNotFound.
-// Only the version comes back: the delete has committed by then, so it
-// must not fail on a row it cannot read (a table made by hand may hold one).
-func (s *Store) Delete(ctx context.Context, id int64) (version int64, err error) {
+// Delete deletes item id and returns the version it had. Only the version
+// comes back: the delete has committed by then, so it must not fail on a
+// row it cannot read (a table made by hand may hold one). Errors as
+// Replace.
+func (s *Store) Delete(ctx context.Context, id int64, ifMatch []int64) (version int64, err error) {
 	err = s.withConn(ctx, atMostOnce, func(ctx context.Context, c *sql.Conn) error {
-		return c.QueryRowContext(ctx, deleteItem, id).Scan(&version)
+		err := c.QueryRowContext(ctx, deleteItem, id, ifMatch).Scan(&version)
+		return precondition(ctx, c, id, ifMatch, err)
 	})
 	return version, err
+}
+
+// precondition tells, after a conditional write of item id found no row
+// (err is sql.ErrNoRows), whether the item is missing or at another
+// version: it reads the version on the same connection, and returns
+// *PreconditionError with it. The write itself decided (whereMatches):
+// this read only names the version for the client, who may find it newer
+// still. Any other err is returned as it is.
+func precondition(ctx context.Context, c *sql.Conn, id int64, ifMatch []int64, err error) error {
+	if ifMatch == nil || !errors.Is(err, sql.ErrNoRows) {
+		return err
+	}
+	var version int64
+	if err := c.QueryRowContext(ctx, selectVersion, id).Scan(&version); err != nil {
+		return err
+	}
+	return &PreconditionError{Version: version}
 }
 
 // SweepOutbox takes up to limit rows of the outbox, passes apply their
@@ -536,7 +694,7 @@ func (s *Store) withConn(ctx context.Context, retry int, statement func(context.
 // made as needed; if PostgreSQL itself is hung, they time out as well.
 func (s *Store) classify(err error) error {
 	err = classify(err)
-	if err != nil && !errors.Is(err, ErrNotFound) {
+	if err != nil && !answered(err) {
 		s.errors.Add(1)
 	}
 	if errors.Is(err, ErrUnavailable) && (errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err)) {
@@ -679,9 +837,18 @@ func severity(e *pgconn.PgError) string {
 	return e.Severity
 }
 
+// answered reports whether err is an answer of PostgreSQL's about the data
+// (no such item, another version, an idempotency key taken), rather than a
+// failure: none of them is counted as an error (postgres_errors).
+func answered(err error) bool {
+	return errors.Is(err, ErrNotFound) || errors.As(err, new(*PreconditionError)) ||
+		errors.Is(err, ErrKeyInUse) || errors.Is(err, ErrKeyReused)
+}
+
 // Unchanged reports whether a write that returned err certainly left the
-// table as it was: it found no row, was never sent, or PostgreSQL answered
-// it with an ERROR, which rolls back the statement's transaction. A FATAL
+// table as it was: it found no row or another version, its idempotency key
+// was taken, it was never sent, or PostgreSQL answered it with an ERROR,
+// which rolls back the statement's transaction. A FATAL
 // error, a broken connection or a timeout leaves the outcome unknown: the
 // statement may have committed before the answer was lost.
 func Unchanged(err error) bool {
@@ -689,7 +856,7 @@ func Unchanged(err error) bool {
 	switch {
 	case err == nil || errors.Is(err, ErrOutcomeUnknown):
 		return false
-	case errors.Is(err, ErrNotFound) || unsent(err):
+	case answered(err) || unsent(err):
 		return true
 	case errors.As(err, &pgErr):
 		return severity(pgErr) == "ERROR" && pgErr.Code != "40003" // statement_completion_unknown

@@ -762,6 +762,21 @@ func TestPgBouncer(t *testing.T) {
 	if n, _ := l.report(t); n > 0 {
 		t.Fatalf("%d errors through PgBouncer; want 0", n)
 	}
+	// Preconditions (a bigint[] parameter) and idempotency keys (a
+	// transaction with an advisory lock) in exec mode.
+	it := createItem(t, base, `{"name":"conditional"}`)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	if res := do(t, "PUT", url, `{"name":"b"}`, "If-Match", `"1"`); res.status != 200 {
+		t.Errorf("PUT If-Match \"1\" through PgBouncer: %d %s; want 200", res.status, res.body)
+	}
+	if res := do(t, "PATCH", url, `{"name":"c"}`, "If-Match", `"1"`); res.status != 412 || res.header.Get("ETag") != `"2"` {
+		t.Errorf("PATCH If-Match \"1\" through PgBouncer: %d %s; want 412 with ETag \"2\"", res.status, res.body)
+	}
+	first := do(t, "POST", base+"/items", `{"name":"keyed"}`, "Idempotency-Key", "bouncer")
+	again := do(t, "POST", base+"/items", `{"name":"keyed"}`, "Idempotency-Key", "bouncer")
+	if first.status != 201 || again.status != 201 || string(again.body) != string(first.body) || again.header.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("a POST and its retry with one key through PgBouncer: %d %s, %d %s; want the same 201, replayed", first.status, first.body, again.status, again.body)
+	}
 
 	// A restart: until it listens again, new connections are refused (503).
 	l = startLoad(t, base, 8)

@@ -695,7 +695,7 @@ func TestStoreWritesEveryField(t *testing.T) {
 
 	replacement := sampleItem(t, 2)
 	replacement.ID = created.ID
-	replaced, err := store.Replace(ctx, replacement)
+	replaced, err := store.Replace(ctx, replacement, nil)
 	check("Replace", replaced, err, replacement)
 
 	// A patch that gives every field, as pointers to a third sample's.
@@ -714,7 +714,7 @@ func TestStoreWritesEveryField(t *testing.T) {
 		fields.Field(i).FieldByName("Set").SetBool(true)
 		fields.Field(i).FieldByName("Value").Set(value)
 	}
-	patched, err := store.Patch(ctx, created.ID, in)
+	patched, err := store.Patch(ctx, created.ID, in, nil)
 	check("Patch", patched, err, want)
 }
 

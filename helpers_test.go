@@ -194,7 +194,7 @@ func serveWithCache(t testing.TB, cfg Config, log *slog.Logger) (string, *Cache)
 // serveItems is testServer for a test that looks into items.
 func serveItems(t testing.TB, log *slog.Logger, items *Items) string {
 	t.Helper()
-	srv := &http.Server{Handler: newServer(log, items)}
+	srv := &http.Server{Handler: newServer(Config{}, log, items)}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

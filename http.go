@@ -25,24 +25,25 @@ import (
 
 // newServer is the HTTP handler of the service: every route, wrapped in
 // request logging, panic recovery and JSON answers for unknown routes and
-// wrong methods.
-func newServer(log *slog.Logger, items *Items) http.Handler {
+// wrong methods. Of cfg it reads REQUIRE_IF_MATCH.
+func newServer(cfg Config, log *slog.Logger, items *Items) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, items)
+	addRoutes(mux, items, cfg.RequireIfMatch)
 	return logRequests(log, mux)
 }
 
-// addRoutes lists every route of the API.
-func addRoutes(mux *http.ServeMux, items *Items) {
+// addRoutes lists every route of the API. requireIfMatch makes If-Match
+// required on writes (REQUIRE_IF_MATCH).
+func addRoutes(mux *http.ServeMux, items *Items, requireIfMatch bool) {
 	mux.Handle("GET /health", handleHealth())
 	mux.Handle("GET /ready", handleReady(items))
 	mux.Handle("GET /debug/vars", handleVars(items.Vars()))
 	mux.Handle("GET /items", handleListItems(items))
 	mux.Handle("POST /items", handleCreateItem(items))
 	mux.Handle("GET /items/{id}", handleGetItem(items))
-	mux.Handle("PUT /items/{id}", handleUpdateItem(items.Replace))
-	mux.Handle("PATCH /items/{id}", handleUpdateItem(items.Patch))
-	mux.Handle("DELETE /items/{id}", handleDeleteItem(items))
+	mux.Handle("PUT /items/{id}", handleUpdateItem(items.Replace, requireIfMatch))
+	mux.Handle("PATCH /items/{id}", handleUpdateItem(items.Patch, requireIfMatch))
+	mux.Handle("DELETE /items/{id}", handleDeleteItem(items, requireIfMatch))
 }
 
 // handleHealth is liveness: the process serves HTTP. It touches neither
@@ -118,8 +119,11 @@ func handleVars(vars *expvar.Map) http.Handler {
 
 // handleGetItem answers GET /items/{id} by cache-aside (Items.Get). X-Cache
 // says what the cache did (HIT, MISS or BYPASS), and the body is the same
-// bytes either way. 404 if there is no such item; 503 if it is not cached
-// and PostgreSQL is unavailable.
+// bytes either way, with its ETag. With If-None-Match listing that ETag
+// (weak comparison, RFC 9110 section 13.1.2) or "*", the answer is 304 Not
+// Modified with the ETag and no body. 400 for a malformed If-None-Match;
+// 404 if there is no such item; 503 if it is not cached and PostgreSQL is
+// unavailable.
 func handleGetItem(items *Items) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, err := parseID(r.PathValue("id"))
@@ -127,10 +131,20 @@ func handleGetItem(items *Items) http.Handler {
 			writeError(w, r, err)
 			return
 		}
-		body, outcome, err := items.Get(r.Context(), id)
+		noneMatch, conditional, err := parseETags(r.Header, "If-None-Match")
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		body, version, outcome, err := items.Get(r.Context(), id)
 		w.Header().Set("X-Cache", string(outcome))
 		if err != nil {
 			writeError(w, r, itemError(err, id))
+			return
+		}
+		w.Header().Set("ETag", etag(version))
+		if conditional && noneMatch.matchWeak(version) {
+			w.WriteHeader(http.StatusNotModified)
 			return
 		}
 		writeJSON(w, http.StatusOK, body)
@@ -170,23 +184,51 @@ func handleListItems(items *Items) http.Handler {
 	})
 }
 
-// handleCreateItem answers POST /items: 201 with the stored item and a
-// Location header; 400, 408, 413 or 415 for a bad request; 503 if
-// PostgreSQL is unavailable.
+// handleCreateItem answers POST /items: 201 with the stored item, its ETag
+// and a Location header; 400, 408, 413 or 415 for a bad request; 503 if
+// PostgreSQL is unavailable. With an Idempotency-Key header
+// (draft-ietf-httpapi-idempotency-key-header), a retry of the same request
+// with the same key gets the first one's response again, with
+// Idempotent-Replayed: true, and creates nothing (Items.CreateOnce); 409
+// with Retry-After while the first is still running; 422 for the key with
+// another body; 400 for a malformed key.
 func handleCreateItem(items *Items) http.Handler {
+	respond := func(it Item) (Response, error) {
+		body, err := json.Marshal(it)
+		return Response{Status: http.StatusCreated, Location: "/items/" + strconv.FormatInt(it.ID, 10),
+			ETag: etag(it.Version), Body: body}, err
+	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		key, err := idempotencyKey(r.Header)
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
 		var in Input
 		if err := decode(w, r, &in); err != nil {
 			writeError(w, r, err)
 			return
 		}
-		it, err := items.Create(r.Context(), in)
+		var res Response
+		var replayed bool
+		if key == "" {
+			var it Item
+			if it, err = items.Create(r.Context(), in); err == nil {
+				res, err = respond(it)
+			}
+		} else {
+			res, replayed, err = items.CreateOnce(r.Context(), in, key, respond)
+		}
 		if err != nil {
 			writeError(w, r, err)
 			return
 		}
-		w.Header().Set("Location", "/items/"+strconv.FormatInt(it.ID, 10))
-		encode(w, r, http.StatusCreated, it)
+		w.Header().Set("Location", res.Location)
+		w.Header().Set("ETag", res.ETag)
+		if replayed {
+			w.Header().Set("Idempotent-Replayed", "true")
+		}
+		writeJSON(w, res.Status, res.Body)
 	})
 }
 
@@ -194,11 +236,18 @@ func handleCreateItem(items *Items) http.Handler {
 // as sent; one left out becomes null) and PATCH /items/{id} with
 // Items.Patch (a JSON merge patch, RFC 7396, sent as
 // application/merge-patch+json or application/json: fields left out are
-// kept, null clears one): 200 with the item; 404 if there is no such item;
-// 400, 408, 413 or 415 for a bad request; 503 if PostgreSQL is unavailable.
-func handleUpdateItem(update func(context.Context, int64, Input) (Item, error)) http.Handler {
+// kept, null clears one): 200 with the item and its ETag; 404 if there is
+// no such item; 412 if If-Match lists none of its versions (see
+// writePrecondition); 400, 408, 413, 415 or 428 for a bad request; 503 if
+// PostgreSQL is unavailable.
+func handleUpdateItem(update func(context.Context, int64, Input, []int64) (Item, error), requireIfMatch bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, err := parseID(r.PathValue("id"))
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		ifMatch, err := writePrecondition(r.Header, requireIfMatch)
 		if err != nil {
 			writeError(w, r, err)
 			return
@@ -208,25 +257,32 @@ func handleUpdateItem(update func(context.Context, int64, Input) (Item, error)) 
 			writeError(w, r, err)
 			return
 		}
-		it, err := update(r.Context(), id, in)
+		it, err := update(r.Context(), id, in, ifMatch)
 		if err != nil {
 			writeError(w, r, itemError(err, id))
 			return
 		}
+		w.Header().Set("ETag", etag(it.Version))
 		encode(w, r, http.StatusOK, it)
 	})
 }
 
 // handleDeleteItem answers DELETE /items/{id}: 204 with no body; 404 if
-// there is no such item; 503 if PostgreSQL is unavailable.
-func handleDeleteItem(items *Items) http.Handler {
+// there is no such item; 412 and 428 as for PUT; 503 if PostgreSQL is
+// unavailable.
+func handleDeleteItem(items *Items, requireIfMatch bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id, err := parseID(r.PathValue("id"))
 		if err != nil {
 			writeError(w, r, err)
 			return
 		}
-		if err := items.Delete(r.Context(), id); err != nil {
+		ifMatch, err := writePrecondition(r.Header, requireIfMatch)
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		if err := items.Delete(r.Context(), id, ifMatch); err != nil {
 			writeError(w, r, itemError(err, id))
 			return
 		}
@@ -290,6 +346,161 @@ func parsePage(rawQuery string) (after int64, limit int, err error) {
 		}
 	}
 	return after, limit, nil
+}
+
+// etag is the entity tag of an item at version (RFC 9110 section 8.8.3),
+// "<version>": strong, since an item's body is the same bytes at a version,
+// from Redis or PostgreSQL.
+func etag(version int64) string {
+	return `"` + strconv.FormatInt(version, 10) + `"`
+}
+
+// entityTags is an If-Match or If-None-Match field: "*" (any), or a list of
+// entity tags, each weak (W/"...") or strong, with its opaque tag (what is
+// between the quotes).
+type entityTags struct {
+	any  bool
+	tags []entityTag
+}
+
+type entityTag struct {
+	weak   bool
+	opaque string
+}
+
+// parseETags parses the header name of h (If-Match or If-None-Match),
+// all its field lines as one list: "*", or entity tags separated by commas
+// and optional white space, empty elements allowed (RFC 9110 sections
+// 13.1.1, 13.1.2, 8.8.3 and 5.6.1). present is false if the header is
+// absent. A malformed one is a 400 saying what is wrong.
+func parseETags(h http.Header, name string) (tags entityTags, present bool, err error) {
+	lines := h.Values(name)
+	if len(lines) == 0 {
+		return entityTags{}, false, nil
+	}
+	field := strings.Join(lines, ",")
+	if strings.Trim(field, " \t") == "*" {
+		return entityTags{any: true}, true, nil
+	}
+	bad := func(problem string) error {
+		return badRequest(`%s must be * or a list of entity tags such as "3" (or W/"3"): %s, in %q`, name, problem, truncate(field))
+	}
+	ows := func(i int) int {
+		for i < len(field) && (field[i] == ' ' || field[i] == '\t') {
+			i++
+		}
+		return i
+	}
+	for i := 0; ; {
+		for i = ows(i); i < len(field) && field[i] == ','; i = ows(i + 1) {
+		}
+		if i == len(field) {
+			break
+		}
+		var t entityTag
+		if strings.HasPrefix(field[i:], "W/") {
+			t.weak, i = true, i+2
+		}
+		if i == len(field) || field[i] != '"' {
+			return entityTags{}, true, bad("an entity tag is in double quotes")
+		}
+		end := i + 1
+		for ; end < len(field) && field[end] != '"'; end++ {
+			if c := field[end]; c < 0x21 || c == 0x7f { // etagc: visible characters and obs-text
+				return entityTags{}, true, bad("an entity tag holds no spaces or control characters")
+			}
+		}
+		if end == len(field) {
+			return entityTags{}, true, bad("a quote is not closed")
+		}
+		t.opaque, i = field[i+1:end], ows(end+1)
+		if i < len(field) && field[i] != ',' {
+			return entityTags{}, true, bad("entity tags are separated by commas")
+		}
+		tags.tags = append(tags.tags, t)
+	}
+	if len(tags.tags) == 0 {
+		return entityTags{}, true, bad("it lists none")
+	}
+	return tags, true, nil
+}
+
+// matchWeak reports whether tags match an item at version by weak
+// comparison (If-None-Match: W/"3" matches "3").
+func (tags entityTags) matchWeak(version int64) bool {
+	if tags.any {
+		return true
+	}
+	v := strconv.FormatInt(version, 10)
+	for _, t := range tags.tags {
+		if t.opaque == v {
+			return true
+		}
+	}
+	return false
+}
+
+// versions is what If-Match tags let a write change, for the Store: nil
+// for "*" (any version; the item must exist, as it must for every write
+// here); else the versions its strong tags name, by strong comparison: a
+// weak tag never matches, nor a tag this service never sends ("03", "x").
+// That may leave none (an empty, non-nil slice), which no version matches.
+func (tags entityTags) versions() []int64 {
+	if tags.any {
+		return nil
+	}
+	vs := []int64{}
+	for _, t := range tags.tags {
+		if n, err := strconv.ParseInt(t.opaque, 10, 64); !t.weak && err == nil && n > 0 && strconv.FormatInt(n, 10) == t.opaque {
+			vs = append(vs, n)
+		}
+	}
+	return vs
+}
+
+// writePrecondition reads the preconditions of a PUT, PATCH or DELETE from
+// its headers: the versions that If-Match lets it change (nil for none
+// given, or "*"). 400 for a malformed If-Match, or for If-None-Match, which
+// only GET takes here (PUT never creates, so "If-None-Match: *" cannot ask
+// for a create); 428 (RFC 6585 section 3) when requireIfMatch and there is
+// no If-Match.
+func writePrecondition(h http.Header, requireIfMatch bool) ([]int64, error) {
+	if len(h.Values("If-None-Match")) > 0 {
+		return nil, badRequest(`If-None-Match is for GET here; to change an item only if it has not changed since you read it, send If-Match with its ETag (If-Match: "3"); to create one, POST /items`)
+	}
+	tags, present, err := parseETags(h, "If-Match")
+	switch {
+	case err != nil:
+		return nil, err
+	case !present && requireIfMatch:
+		return nil, &apiError{Status: http.StatusPreconditionRequired,
+			Message: `this service takes writes only with If-Match: send the ETag of the item as you last read it (If-Match: "3"), so that a change made since is not overwritten; If-Match: * writes whatever its version`}
+	case !present:
+		return nil, nil
+	}
+	return tags.versions(), nil
+}
+
+// maxKeyLength is the longest Idempotency-Key, in characters.
+const maxKeyLength = 255
+
+// idempotencyKey reads the Idempotency-Key header of a POST: "" if there is
+// none; 400 unless it is given once, as 1 to maxKeyLength visible ASCII
+// characters (a UUID, say; the draft's quoted form, "...", is taken as it
+// is, quotes included).
+func idempotencyKey(h http.Header) (string, error) {
+	lines := h.Values("Idempotency-Key")
+	switch {
+	case len(lines) == 0:
+		return "", nil
+	case len(lines) > 1:
+		return "", badRequest("Idempotency-Key is given %d times; give it once", len(lines))
+	}
+	key := strings.Trim(lines[0], " \t")
+	if key == "" || len(key) > maxKeyLength || strings.ContainsFunc(key, func(r rune) bool { return r < 0x21 || r > 0x7e }) {
+		return "", badRequest("Idempotency-Key must be 1 to %d visible ASCII characters, no spaces (a UUID, say), got %q", maxKeyLength, truncate(key))
+	}
+	return key, nil
 }
 
 // truncate shortens client input quoted in an error message to 40 bytes.
@@ -560,6 +771,7 @@ type errorBody struct {
 func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	var ae *apiError
 	var invalid *InvalidError
+	var changed *PreconditionError
 	res := errorBody{Error: "internal server error"}
 	status := http.StatusInternalServerError
 	switch {
@@ -573,11 +785,26 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		// The client went away (or gave up): nothing is wrong with the
 		// database, and nobody reads this answer. 499 as in nginx's logs.
 		status, res.Error = statusClientClosedRequest, "client closed the request"
-	case errors.Is(err, ErrUnavailable) && r.Method != http.MethodGet && !Unchanged(err):
+	case errors.Is(err, ErrOutcomeUnknown) || errors.Is(err, ErrUnavailable) && r.Method != http.MethodGet && !Unchanged(err):
+		// Before the answers below: a retry's 412 or 409 may come of the
+		// first try having committed.
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")
 		status, res.Error = http.StatusServiceUnavailable, "the write reached the database but its answer did not come back "+
-			"(a timeout or a lost connection), so whether it was applied is unknown; read the item (or the list) before trying again"
+			"(a timeout or a lost connection), so whether it was applied is unknown; repeat a POST with the same Idempotency-Key, "+
+			"or read the item (or the list) before trying again"
+	case errors.As(err, &changed):
+		tag := etag(changed.Version)
+		w.Header().Set("ETag", tag)
+		status, res.Error = http.StatusPreconditionFailed, fmt.Sprintf("the item has changed since it was read: it is now at ETag %s, which If-Match "+
+			"does not list (a weak W/ tag never matches); GET it again, redo your change on what it holds now and send it with If-Match: %s", tag, tag)
+	case errors.Is(err, ErrKeyInUse):
+		w.Header().Set("Retry-After", "1")
+		status, res.Error = http.StatusConflict, "a request with this Idempotency-Key is still being processed; "+
+			"send it again shortly, with the same key, to get its response"
+	case errors.Is(err, ErrKeyReused):
+		status, res.Error = http.StatusUnprocessableEntity, "this Idempotency-Key was first used with a different request body; "+
+			"a retry must send the same body, and a new item needs a new key"
 	case errors.Is(err, ErrReadOnly):
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")
@@ -718,8 +945,9 @@ func (rec *recorder) WriteHeader(status int) {
 		}
 		http.NewResponseController(rec.ResponseWriter).SetReadDeadline(deadline)
 	}
-	// The handlers never redirect, so every 3xx is the mux's.
-	if !(status >= 300 && status < 400 || rec.r.Pattern == "" && status >= 400) {
+	// The handlers never redirect (their only 3xx is a 304), so every other
+	// 3xx is the mux's.
+	if !(status >= 300 && status < 400 && status != http.StatusNotModified || rec.r.Pattern == "" && status >= 400) {
 		rec.ResponseWriter.WriteHeader(status)
 		return
 	}

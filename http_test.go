@@ -146,7 +146,7 @@ func TestSlowBody(t *testing.T) {
 	cfg := testConfig(t)
 	logs := newLogBuffer(t)
 	log := logs.logger()
-	srv := &http.Server{Handler: newServer(log, newItems(newTestStore(t, cfg, log), newTestCache(t, cfg, log))), ReadTimeout: 300 * time.Millisecond}
+	srv := &http.Server{Handler: newServer(cfg, log, newItems(newTestStore(t, cfg, log), newTestCache(t, cfg, log))), ReadTimeout: 300 * time.Millisecond}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

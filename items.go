@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"expvar"
 	"fmt"
@@ -42,7 +43,26 @@ func newItems(store *Store, cache *Cache) *Items {
 		relay:    &relay{store: store, cache: cache},
 		outcomes: map[Outcome]*atomic.Int64{Hit: new(atomic.Int64), Miss: new(atomic.Int64), Bypass: new(atomic.Int64)}}
 	s.relay.start()
+	go s.expireKeys()
 	return s
+}
+
+// expireKeys deletes expired idempotency keys (Store.ExpireKeys) every
+// half IDEMPOTENCY_KEY_TTL, at least once a minute, until the store is
+// closed: a key lives at most one and a half TTLs.
+func (s *Items) expireKeys() {
+	tick := time.NewTicker(min(s.store.keyTTL/2, time.Minute))
+	defer tick.Stop()
+	for {
+		select {
+		case <-s.store.stop.Done():
+			return
+		case <-tick.C:
+		}
+		if _, err := s.store.ExpireKeys(); err != nil && s.store.stop.Err() == nil {
+			s.cache.outages.warnRarely("could not delete expired idempotency keys in PostgreSQL; trying again", "err", err)
+		}
+	}
 }
 
 // itemShape names the JSON of an Item in cached values (see shapeOf).
@@ -63,29 +83,30 @@ func shapeOf(t reflect.Type) string {
 	return fmt.Sprintf("%08x", crc32.ChecksumIEEE([]byte(strings.Join(fields, "\n"))))
 }
 
-// Get returns the JSON of item id and what the cache contributed: Redis
-// first; on a miss PostgreSQL, then Redis is filled. Concurrent misses for
-// the same id share queries (flights). Errors: ErrNotFound, ErrUnavailable.
+// Get returns the JSON of item id, the version it encodes (its ETag) and
+// what the cache contributed: Redis first; on a miss PostgreSQL, then Redis
+// is filled. Concurrent misses for the same id share queries (flights).
+// Errors: ErrNotFound, ErrUnavailable.
 //
 // The query runs on one caller's goroutine and is not cancelled when that
 // caller's client hangs up, since the others still want its answer; so
 // that caller still waits for it, at most DB_QUERY_TIMEOUT.
-func (s *Items) Get(ctx context.Context, id int64) ([]byte, Outcome, error) {
-	body, outcome := s.cache.Get(ctx, id)
+func (s *Items) Get(ctx context.Context, id int64) ([]byte, int64, Outcome, error) {
+	body, version, outcome := s.cache.Get(ctx, id)
 	if outcome == Bypass && s.relay.catchUp() {
 		// Redis is back after an outage: this request brought it up to
 		// date with the outbox, so it may read it now.
-		body, outcome = s.cache.Get(ctx, id)
+		body, version, outcome = s.cache.Get(ctx, id)
 	}
 	s.outcomes[outcome].Add(1)
 	if outcome == Hit {
-		return body, Hit, nil
+		return body, version, Hit, nil
 	}
 	s.waiting.Add(1)
 	defer s.waiting.Add(-1)
 	shared := context.WithoutCancel(ctx)
-	body, err := s.flights.do(id, func() ([]byte, error) { return s.read(shared, id, outcome == Miss) })
-	return body, outcome, err
+	fl := s.flights.do(id, func(fl *flight) { fl.body, fl.version, fl.err = s.read(shared, id, outcome == Miss) })
+	return fl.body, fl.version, outcome, fl.err
 }
 
 // flights shares PostgreSQL reads of an item among the requests for it,
@@ -103,15 +124,16 @@ type flights struct {
 }
 
 type flight struct {
-	done chan struct{} // closed when body and err are set
-	body []byte
-	err  error
-	next *flight // the read that requests arriving during this one share
+	done    chan struct{} // closed when the read has set body, version and err
+	body    []byte
+	version int64
+	err     error
+	next    *flight // the read that requests arriving during this one share
 }
 
-// do returns the result of a call of read that began after do was called,
-// shared with other callers for id.
-func (f *flights) do(id int64, read func() ([]byte, error)) ([]byte, error) {
+// do returns a flight whose read began after do was called, shared with
+// other callers for id, once read has filled it in.
+func (f *flights) do(id int64, read func(*flight)) *flight {
 	f.mu.Lock()
 	cur := f.running[id]
 	if cur == nil {
@@ -119,7 +141,7 @@ func (f *flights) do(id int64, read func() ([]byte, error)) ([]byte, error) {
 		f.running[id] = cur
 		f.mu.Unlock()
 		f.lead(id, cur, read)
-		return cur.body, cur.err
+		return cur
 	}
 	next, first := cur.next, cur.next == nil
 	if first {
@@ -132,14 +154,14 @@ func (f *flights) do(id int64, read func() ([]byte, error)) ([]byte, error) {
 		f.lead(id, next, read)
 	}
 	<-next.done
-	return next.body, next.err
+	return next
 }
 
 // lead runs read for fl, the running flight of id, then makes the next
 // one (if requests are waiting for it) the running one.
-func (f *flights) lead(id int64, fl *flight, read func() ([]byte, error)) {
+func (f *flights) lead(id int64, fl *flight, read func(*flight)) {
 	defer close(fl.done)
-	fl.body, fl.err = read()
+	read(fl)
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if fl.next != nil {
@@ -149,22 +171,23 @@ func (f *flights) lead(id int64, fl *flight, read func() ([]byte, error)) {
 	}
 }
 
-// read is one PostgreSQL read of an item, and the cache fill if asked.
-func (s *Items) read(ctx context.Context, id int64, fill bool) ([]byte, error) {
+// read is one PostgreSQL read of an item, and the cache fill if asked: the
+// item's JSON and version.
+func (s *Items) read(ctx context.Context, id int64, fill bool) ([]byte, int64, error) {
 	start := time.Now()
 	s.reads.Add(1)
 	it, err := s.store.Get(ctx, id)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	body, err := json.Marshal(it)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	if fill {
 		s.cache.Fill(ctx, id, it.Version, body, start)
 	}
-	return body, nil
+	return body, it.Version, nil
 }
 
 // Create stores a new item from in. Nothing is cached: ids are never
@@ -177,41 +200,62 @@ func (s *Items) Create(ctx context.Context, in Input) (Item, error) {
 	return s.store.Create(ctx, in.item(0))
 }
 
+// CreateOnce is Create under idempotency key key (see Store.CreateOnce):
+// respond makes the response recorded with the key, which a retry of the
+// same request gets again, with replayed set. The request is in: two
+// requests are the same if they make the same item, whatever their JSON's
+// spacing, key order or an explicit "description": null. Errors:
+// *InvalidError, ErrKeyInUse, ErrKeyReused, ErrUnavailable.
+func (s *Items) CreateOnce(ctx context.Context, in Input, key string, respond func(Item) (Response, error)) (res Response, replayed bool, err error) {
+	if err := in.check(0, true); err != nil {
+		return Response{}, false, err
+	}
+	it := in.item(0)
+	canonical, err := json.Marshal(it)
+	if err != nil {
+		return Response{}, false, err
+	}
+	fingerprint := sha256.Sum256(append([]byte("POST /items\n"), canonical...))
+	return s.store.CreateOnce(ctx, key, fingerprint[:], it, respond)
+}
+
 // List returns a page of items in id order, from PostgreSQL.
 func (s *Items) List(ctx context.Context, after int64, limit int) ([]Item, error) {
 	return s.store.List(ctx, after, limit)
 }
 
-// Replace sets every field of item id from in (one left out becomes null).
-// Errors: *InvalidError, ErrNotFound, ErrUnavailable.
-func (s *Items) Replace(ctx context.Context, id int64, in Input) (Item, error) {
+// Replace sets every field of item id from in (one left out becomes null),
+// if its version is one that ifMatch lists (nil: any). Errors:
+// *InvalidError, ErrNotFound, *PreconditionError, ErrUnavailable.
+func (s *Items) Replace(ctx context.Context, id int64, in Input, ifMatch []int64) (Item, error) {
 	if err := in.check(id, true); err != nil {
 		return Item{}, err
 	}
 	s.writing.Add(1)
 	defer s.writing.Done()
-	it, err := s.store.Replace(ctx, in.item(id))
+	it, err := s.store.Replace(ctx, in.item(id), ifMatch)
 	s.written(ctx, id, it.Version, err)
 	return it, err
 }
 
 // Patch changes the fields that in gives (RFC 7396). Errors as Replace.
-func (s *Items) Patch(ctx context.Context, id int64, in Input) (Item, error) {
+func (s *Items) Patch(ctx context.Context, id int64, in Input, ifMatch []int64) (Item, error) {
 	if err := in.check(id, false); err != nil {
 		return Item{}, err
 	}
 	s.writing.Add(1)
 	defer s.writing.Done()
-	it, err := s.store.Patch(ctx, id, in)
+	it, err := s.store.Patch(ctx, id, in, ifMatch)
 	s.written(ctx, id, it.Version, err)
 	return it, err
 }
 
-// Delete deletes item id. Errors: ErrNotFound, ErrUnavailable.
-func (s *Items) Delete(ctx context.Context, id int64) error {
+// Delete deletes item id, under ifMatch as Replace. Errors: ErrNotFound,
+// *PreconditionError, ErrUnavailable.
+func (s *Items) Delete(ctx context.Context, id int64, ifMatch []int64) error {
 	s.writing.Add(1)
 	defer s.writing.Done()
-	version, err := s.store.Delete(ctx, id)
+	version, err := s.store.Delete(ctx, id, ifMatch)
 	s.written(ctx, id, version+1, err)
 	return err
 }

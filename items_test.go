@@ -359,7 +359,7 @@ func TestNoJoiningAReadFromBeforeAWrite(t *testing.T) {
 			// The write commits (on another connection) and runs its
 			// after-commit step, as Items.Replace does, while that read is
 			// still in flight.
-			updated, err := direct.Replace(t.Context(), Item{ID: it.ID, Name: "new"})
+			updated, err := direct.Replace(t.Context(), Item{ID: it.ID, Name: "new"}, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -544,7 +544,7 @@ func benchHandler(b *testing.B) (http.Handler, *Store, *Cache) {
 	store := newTestStore(b, cfg, quiet)
 	cache := newTestCache(b, cfg, quiet)
 	log := newLogger(Config{}, io.Discard)
-	return newServer(log, newItems(store, cache)), store, cache
+	return newServer(Config{}, log, newItems(store, cache)), store, cache
 }
 
 func serveOnce(b *testing.B, h http.Handler, req *http.Request, want int) {
@@ -567,6 +567,38 @@ func BenchmarkGetHit(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		serveOnce(b, h, httptest.NewRequest("GET", url, nil), 200)
+	}
+}
+
+// BenchmarkGetNotModified is a conditional GET /items/{id} answered from
+// Redis with 304 Not Modified: If-None-Match names the cached version.
+func BenchmarkGetNotModified(b *testing.B) {
+	h, store, _ := benchHandler(b)
+	it, err := store.Create(b.Context(), Item{Name: "Widget"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	url := fmt.Sprintf("/items/%d", it.ID)
+	serveOnce(b, h, httptest.NewRequest("GET", url, nil), 200) // fills the cache
+	b.ReportAllocs()
+	for b.Loop() {
+		req := httptest.NewRequest("GET", url, nil)
+		req.Header.Set("If-None-Match", `"1"`)
+		serveOnce(b, h, req, 304)
+	}
+}
+
+// BenchmarkCreateWithKey is POST /items with a new Idempotency-Key each time.
+func BenchmarkCreateWithKey(b *testing.B) {
+	h, _, _ := benchHandler(b)
+	b.ReportAllocs()
+	n := 0
+	for b.Loop() {
+		n++
+		req := httptest.NewRequest("POST", "/items", strings.NewReader(`{"name":"Widget","description":"A useful widget"}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Idempotency-Key", "bench-"+strconv.Itoa(n))
+		serveOnce(b, h, req, 201)
 	}
 }
 

@@ -100,7 +100,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	var fresh sync.Map      // connections with no request yet: net.Conn -> true
 	items := newItems(store, cache)
 	srv := &http.Server{
-		Handler:           newServer(log, items),
+		Handler:           newServer(cfg, log, items),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       15 * time.Second,
 		WriteTimeout:      cfg.DBQueryTimeout + 15*time.Second,

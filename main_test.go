@@ -629,7 +629,7 @@ func TestShutdownCutsWritesOff(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, outcome := cache.Get(t.Context(), it.ID)
+	body, _, outcome := cache.Get(t.Context(), it.ID)
 	t.Logf("PostgreSQL: %q; Redis: %s %s", got.Name, outcome, body)
 	if outcome == Hit && !strings.Contains(string(body), got.Name) {
 		t.Errorf("Redis serves %s while PostgreSQL holds %q", body, got.Name)
