@@ -27,13 +27,14 @@ import (
 // sends: {"id":1,"name":"...","description":"..." or null}. Each field's db
 // tag names its column; itemColumns and scanItem follow those tags, so a
 // field is declared here once. Version counts the row's writes
-// (schema.sql) and is not part of the API.
+// (schema.sql); it is not in the JSON, but is the item's ETag.
 //
 // To add a field: its column in a new migration; a field here with a db tag (ID
 // stays first: the cache checks that a value is its item's by the opening
 // {"id":N,), in Input and in Input.item; its check in Input.check
 // (items.go); and the column in the INSERT and UPDATEs below, with its value
-// in their arguments (Create, Replace, Patch).
+// in their arguments (insert, Replace, Patch), before the If-Match
+// precondition, whose parameter number (whereMatches) moves up.
 type Item struct {
 	ID          int64   `json:"id" db:"id"`
 	Name        string  `json:"name" db:"name"`
@@ -358,7 +359,7 @@ func (s *Store) scanItem(row interface{ Scan(...any) error }) (Item, error) {
 // with its new id and version 1.
 func (s *Store) Create(ctx context.Context, it Item) (stored Item, err error) {
 	err = s.withConn(ctx, atMostOnce, func(ctx context.Context, c *sql.Conn) error {
-		stored, err = s.scanItem(c.QueryRowContext(ctx, insertItem, it.Name, it.Description))
+		stored, err = s.insert(ctx, c, it)
 		return err
 	})
 	return stored, err
@@ -426,7 +427,7 @@ func (s *Store) CreateOnce(ctx context.Context, key string, fingerprint []byte, 
 		case !errors.Is(err, sql.ErrNoRows):
 			return err
 		}
-		stored, err := s.scanItem(tx.QueryRowContext(ctx, insertItem, it.Name, it.Description))
+		stored, err := s.insert(ctx, tx, it)
 		if err != nil {
 			return err
 		}
@@ -463,6 +464,14 @@ func (s *Store) ExpireKeys() (int64, error) {
 			return total, s.classify(err)
 		}
 	}
+}
+
+// insert runs insertItem for it on q, a connection or a transaction: the
+// one place that gives the INSERT its arguments.
+func (s *Store) insert(ctx context.Context, q interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}, it Item) (Item, error) {
+	return s.scanItem(q.QueryRowContext(ctx, insertItem, it.Name, it.Description))
 }
 
 // Get returns the item with the given id, or ErrNotFound.

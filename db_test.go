@@ -793,3 +793,27 @@ func TestRetriedWriteOfUnknownOutcome(t *testing.T) {
 		t.Errorf("GET after: %d %s %s; want what PostgreSQL holds, the new name", got.status, got.header.Get("X-Cache"), got.body)
 	}
 }
+
+// TestRetriedConditionalWrite: a PUT with If-Match commits, its answer is
+// lost with its connection, and it runs again on a new connection, where
+// its precondition no longer holds, since the first try made the next
+// version. The client must not get a 412, as if someone else had changed
+// the item: it gets the 503 of unknown outcome.
+func TestRetriedConditionalWrite(t *testing.T) {
+	cfg := testConfig(t)
+	base, p, it, _ := pgBehindProxy(t, cfg)
+	url := fmt.Sprintf("%s/items/%d", base, it.ID)
+	do(t, "PUT", url, `{"name":"old"}`, "If-Match", `"1"`) // prepares the UPDATE on the connection
+	p.stallReplies()
+	done := make(chan response)
+	go func() { done <- do(t, "PUT", url, `{"name":"new"}`, "If-Match", `"2"`) }()
+	time.Sleep(300 * time.Millisecond) // the UPDATE commits; its answer is held
+	p.dropHeld()                       // the connection dies; new ones work
+	res := <-done
+	if res.status != http.StatusServiceUnavailable || !strings.Contains(errorMessage(t, res), "whether it was applied is unknown") {
+		t.Errorf("PUT If-Match \"2\": %d %s; want 503 saying the outcome is unknown", res.status, res.body)
+	}
+	if got := do(t, "GET", url, ""); !strings.Contains(string(got.body), `"new"`) || got.header.Get("ETag") != `"3"` {
+		t.Errorf("GET after: %d %s %s; want the new name at \"3\"", got.status, got.header.Get("ETag"), got.body)
+	}
+}

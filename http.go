@@ -796,8 +796,8 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, &changed):
 		tag := etag(changed.Version)
 		w.Header().Set("ETag", tag)
-		status, res.Error = http.StatusPreconditionFailed, fmt.Sprintf("the item has changed since it was read: it is now at ETag %s, which If-Match "+
-			"does not list (a weak W/ tag never matches); GET it again, redo your change on what it holds now and send it with If-Match: %s", tag, tag)
+		status, res.Error = http.StatusPreconditionFailed, fmt.Sprintf("the item has changed since it was read: its ETag is now %s, which If-Match "+
+			"does not list; GET it, redo your change on it and send If-Match: %s", tag, tag)
 	case errors.Is(err, ErrKeyInUse):
 		w.Header().Set("Retry-After", "1")
 		status, res.Error = http.StatusConflict, "a request with this Idempotency-Key is still being processed; "+
