@@ -383,7 +383,7 @@ var (
 	insertKey = `INSERT INTO idempotency_keys (key, fingerprint, status, location, etag, body)
 		VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key) DO UPDATE
 		SET fingerprint = $2, status = $3, location = $4, etag = $5, body = $6, created = now()`
-	expireKeys = `DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys
+	deleteExpiredKeys = `DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys
 		WHERE created <= now() - $1 * interval '1 millisecond' ORDER BY created LIMIT $2 FOR UPDATE SKIP LOCKED)`
 )
 
@@ -453,7 +453,7 @@ func (s *Store) ExpireKeys() (int64, error) {
 	var total int64
 	for {
 		ctx, cancel := context.WithTimeout(s.stop, s.timeout)
-		res, err := s.db.ExecContext(ctx, expireKeys, s.keyTTL.Milliseconds(), keyBatch)
+		res, err := s.db.ExecContext(ctx, deleteExpiredKeys, s.keyTTL.Milliseconds(), keyBatch)
 		cancel()
 		if err != nil {
 			return total, s.classify(err)

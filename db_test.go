@@ -379,6 +379,24 @@ func TestPostgresPoolSaturated(t *testing.T) {
 	}
 }
 
+// storeBehindProxy is a store on cfg's PostgreSQL (which creates the
+// schema and drops it at the end) and one through a proxy in front of it,
+// with a query timeout of 500 ms, for a write load through faults.
+func storeBehindProxy(t *testing.T, cfg Config, log *slog.Logger) (direct, proxied *Store, pg *proxy) {
+	t.Helper()
+	direct = newTestStore(t, cfg, log)
+	pg = newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
+	through := cfg
+	through.DBHost, through.DBPort = "127.0.0.1", pg.port()
+	through.DBQueryTimeout = 500 * time.Millisecond
+	proxied, err := openStore(t.Context(), through, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proxied.Close() })
+	return direct, proxied, pg
+}
+
 // TestNothingLost creates items from several clients while PostgreSQL is
 // cut and restored twice and Redis is killed and restarted. Afterwards every
 // POST that answered 201 is readable with what was sent, every row in the
@@ -389,18 +407,8 @@ func TestNothingLost(t *testing.T) {
 	cfg.DBQueryTimeout = 10 * time.Second // for the checks at the end
 	cfg.RedisHost, cfg.RedisPort = "127.0.0.1", freePort(t)
 	stopRedis := startRedis(t, cfg.RedisPort)
-	logs := newLogBuffer(t)
-	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	direct := newTestStore(t, cfg, log)
-	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
-	proxied := cfg
-	proxied.DBHost, proxied.DBPort = "127.0.0.1", pg.port()
-	proxied.DBQueryTimeout = 500 * time.Millisecond
-	store, err := openStore(t.Context(), proxied, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
+	log := slog.New(slog.NewTextHandler(newLogBuffer(t), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	direct, store, pg := storeBehindProxy(t, cfg, log)
 	cache := newCache(cfg, itemShape, log)
 	defer cache.Close()
 	base := testServer(t, log, store, cache)
@@ -457,18 +465,13 @@ func TestNothingLost(t *testing.T) {
 			}
 		}()
 	}
-	step := func(d time.Duration, what string, f func()) {
-		time.Sleep(d)
-		t.Logf("%s", what)
-		f()
-	}
-	step(300*time.Millisecond, "cut PostgreSQL", func() { pg.setCut(true) })
-	step(700*time.Millisecond, "restore PostgreSQL", func() { pg.setCut(false) })
-	step(500*time.Millisecond, "kill Redis", stopRedis)
-	step(700*time.Millisecond, "restart Redis", func() { startRedis(t, cfg.RedisPort) })
-	step(500*time.Millisecond, "stall PostgreSQL", pg.stall)
-	step(700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
-	step(500*time.Millisecond, "stop", func() { close(stop) })
+	step(t, 300*time.Millisecond, "cut PostgreSQL", func() { pg.setCut(true) })
+	step(t, 700*time.Millisecond, "restore PostgreSQL", func() { pg.setCut(false) })
+	step(t, 500*time.Millisecond, "kill Redis", stopRedis)
+	step(t, 700*time.Millisecond, "restart Redis", func() { startRedis(t, cfg.RedisPort) })
+	step(t, 500*time.Millisecond, "stall PostgreSQL", pg.stall)
+	step(t, 700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
+	step(t, 500*time.Millisecond, "stop", func() { close(stop) })
 	wg.Wait()
 
 	// Every 201 is readable, through the API, as sent.

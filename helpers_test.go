@@ -609,6 +609,14 @@ func startRun(t *testing.T, ctx context.Context, getenv func(string) string) (st
 	return "", nil
 }
 
+// step waits d, logs what, then does it: one step of a fault schedule.
+func step(t *testing.T, d time.Duration, what string, do func()) {
+	t.Helper()
+	time.Sleep(d)
+	t.Logf("%s", what)
+	do()
+}
+
 // waitFor polls cond for up to 10 s.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()

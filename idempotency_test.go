@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -225,27 +224,24 @@ func TestExpireKeysInBatches(t *testing.T) {
 
 // TestRetriedCreatesThroughFaults: clients create items, each under a key
 // of its own, while PostgreSQL is cut, stalled and its backends
-// terminated, and retry every POST that did not answer 201 with the same
+// terminated (a private PostgreSQL), and retry every POST that did not answer 201 with the same
 // key and body, until it does. Every key must end with exactly one row,
 // the one its 201 names: no duplicate, none lost. Some POSTs commit and
 // lose their answer (TestNothingLost counts those rows); here their
 // retries must get the answer replayed instead.
 func TestRetriedCreatesThroughFaults(t *testing.T) {
-	cfg := testConfig(t)
+	cfg := startPostgres(t).config(testConfig(t)) // a private server, whose backends it may end
 	cfg.DBQueryTimeout = 10 * time.Second // for the checks at the end
-	logs := newLogBuffer(t)
-	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	direct := newTestStore(t, cfg, log)
-	pg := newProxy(t, net.JoinHostPort(cfg.DBHost, strconv.Itoa(cfg.DBPort)))
-	proxied := cfg
-	proxied.DBHost, proxied.DBPort = "127.0.0.1", pg.port()
-	proxied.DBQueryTimeout = 500 * time.Millisecond
-	store, err := openStore(t.Context(), proxied, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
+	log := slog.New(slog.NewTextHandler(newLogBuffer(t), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	direct, store, pg := storeBehindProxy(t, cfg, log)
 	base := testServer(t, log, store, newTestCache(t, cfg, log))
+	// Each create's COMMIT takes 50 ms (a deferred trigger), so that when
+	// replies stall, most creates in flight have sent theirs: they commit,
+	// and their answers are lost.
+	rawSQL(t, cfg, `CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+		'BEGIN PERFORM pg_sleep(0.05); RETURN NULL; END'`,
+		`CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON idempotency_keys
+		DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()`)
 
 	type outcome struct {
 		key   string
@@ -314,26 +310,18 @@ func TestRetriedCreatesThroughFaults(t *testing.T) {
 			}
 		}()
 	}
-	step := func(d time.Duration, what string, f func()) {
-		time.Sleep(d)
-		t.Logf("%s", what)
-		f()
-	}
-	terminate := func() {
-		direct.db.ExecContext(t.Context(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-			WHERE application_name = 'items-api' AND pid <> pg_backend_pid() AND datname = current_database()`)
-	}
-	step(300*time.Millisecond, "cut PostgreSQL", func() { pg.setCut(true) })
-	step(700*time.Millisecond, "restore PostgreSQL", func() { pg.setCut(false) })
-	step(500*time.Millisecond, "stall PostgreSQL", pg.stall)
-	step(700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
-	step(500*time.Millisecond, "stall replies only", pg.stallReplies)
-	step(700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
-	step(500*time.Millisecond, "terminate every backend", terminate)
-	step(300*time.Millisecond, "terminate every backend", terminate)
-	step(300*time.Millisecond, "stall replies only", pg.stallReplies)
-	step(700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
-	step(500*time.Millisecond, "stop", func() { close(stop) })
+	terminateAll := func() { terminate(t, direct.db, false) }
+	step(t, 300*time.Millisecond, "cut PostgreSQL", func() { pg.setCut(true) })
+	step(t, 700*time.Millisecond, "restore PostgreSQL", func() { pg.setCut(false) })
+	step(t, 500*time.Millisecond, "stall PostgreSQL", pg.stall)
+	step(t, 700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
+	step(t, 500*time.Millisecond, "stall replies only", pg.stallReplies)
+	step(t, 700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
+	step(t, 500*time.Millisecond, "terminate every backend", terminateAll)
+	step(t, 300*time.Millisecond, "terminate every backend", terminateAll)
+	step(t, 300*time.Millisecond, "stall replies only", pg.stallReplies)
+	step(t, 700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
+	step(t, 500*time.Millisecond, "stop", func() { close(stop) })
 	wg.Wait()
 
 	rows, err := direct.List(t.Context(), 0, 1_000_000)
