@@ -231,7 +231,7 @@ func TestExpireKeysInBatches(t *testing.T) {
 // retries must get the answer replayed instead.
 func TestRetriedCreatesThroughFaults(t *testing.T) {
 	cfg := startPostgres(t).config(testConfig(t)) // a private server, whose backends it may end
-	cfg.DBQueryTimeout = 10 * time.Second // for the checks at the end
+	cfg.DBQueryTimeout = 10 * time.Second         // for the checks at the end
 	log := slog.New(slog.NewTextHandler(newLogBuffer(t), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	direct, store, pg := storeBehindProxy(t, cfg, log)
 	base := testServer(t, log, store, newTestCache(t, cfg, log))
