@@ -78,6 +78,23 @@ func TestETagsAndNotModified(t *testing.T) {
 		}
 	}
 
+	// If-Match on a GET (strong comparison), before If-None-Match.
+	for _, c := range []struct {
+		ifMatch, ifNoneMatch string
+		status               int
+	}{
+		{`"3"`, "", 200}, {`*`, "", 200}, {`"2", "3"`, "", 200}, {`"2"`, "", 412}, {`W/"3"`, "", 412},
+		{`"3"`, `"3"`, 304}, {`"2"`, `"3"`, 412}, {`3`, "", 400},
+	} {
+		headers := []string{"If-Match", c.ifMatch}
+		if c.ifNoneMatch != "" {
+			headers = append(headers, "If-None-Match", c.ifNoneMatch)
+		}
+		if res := do(t, "GET", url, "", headers...); res.status != c.status || res.status != 400 && res.header.Get("ETag") != `"3"` {
+			t.Errorf("GET If-Match %s If-None-Match %s: got %d ETag %q; want %d with ETag \"3\"", c.ifMatch, c.ifNoneMatch, res.status, res.header.Get("ETag"), c.status)
+		}
+	}
+
 	// A write makes the old tag stale: 200 with the new one, from PostgreSQL.
 	do(t, "PATCH", url, `{"name":"Widget 4"}`)
 	res := do(t, "GET", url, "", "If-None-Match", `"3"`)

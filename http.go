@@ -121,7 +121,8 @@ func handleVars(vars *expvar.Map) http.Handler {
 // says what the cache did (HIT, MISS or BYPASS), and the body is the same
 // bytes either way, with its ETag. With If-None-Match listing that ETag
 // (weak comparison, RFC 9110 section 13.1.2) or "*", the answer is 304 Not
-// Modified with the ETag and no body. 400 for a malformed If-None-Match;
+// Modified with the ETag and no body; with an If-Match that does not
+// (strong comparison), 412. 400 for a malformed If-None-Match or If-Match;
 // 404 if there is no such item; 503 if it is not cached and PostgreSQL is
 // unavailable.
 func handleGetItem(items *Items) http.Handler {
@@ -131,7 +132,12 @@ func handleGetItem(items *Items) http.Handler {
 			writeError(w, r, err)
 			return
 		}
-		noneMatch, conditional, err := parseETags(r.Header, "If-None-Match")
+		ifMatch, matchGiven, err := parseETags(r.Header, "If-Match")
+		if err != nil {
+			writeError(w, r, err)
+			return
+		}
+		noneMatch, noneMatchGiven, err := parseETags(r.Header, "If-None-Match")
 		if err != nil {
 			writeError(w, r, err)
 			return
@@ -143,7 +149,11 @@ func handleGetItem(items *Items) http.Handler {
 			return
 		}
 		w.Header().Set("ETag", etag(version))
-		if conditional && noneMatch.matchWeak(version) {
+		switch { // in the order of RFC 9110 section 13.2.2
+		case matchGiven && !ifMatch.match(version, false):
+			writeError(w, r, &PreconditionError{Version: version})
+			return
+		case noneMatchGiven && noneMatch.match(version, true):
 			w.WriteHeader(http.StatusNotModified)
 			return
 		}
@@ -425,15 +435,16 @@ func parseETags(h http.Header, name string) (tags entityTags, present bool, err 
 	return tags, true, nil
 }
 
-// matchWeak reports whether tags match an item at version by weak
-// comparison (If-None-Match: W/"3" matches "3").
-func (tags entityTags) matchWeak(version int64) bool {
+// match reports whether tags match an item at version: by weak
+// comparison (If-None-Match: W/"3" matches "3") or by strong (If-Match: a
+// weak tag never matches; RFC 9110 section 8.8.3.2).
+func (tags entityTags) match(version int64, weak bool) bool {
 	if tags.any {
 		return true
 	}
 	v := strconv.FormatInt(version, 10)
 	for _, t := range tags.tags {
-		if t.opaque == v {
+		if t.opaque == v && (weak || !t.weak) {
 			return true
 		}
 	}
