@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"database/sql"
 	"database/sql/driver"
@@ -368,21 +369,27 @@ func (s *Store) Create(ctx context.Context, it Item) (stored Item, err error) {
 // The statements of a create under an idempotency key (CreateOnce), and
 // of their expiry. Durations are in milliseconds.
 var (
-	// lockKey bounds how long the transaction may sit idle (a replica cut
-	// off mid-create must not hold its key for long), then takes the key's
-	// advisory lock unless another transaction holds it. The lock is a
-	// 64-bit hash of the key and the schema (schemas sharing a database,
-	// such as the tests', do not share keys); two keys whose hashes collide
-	// only make one wait (409) while the other runs.
-	lockKey = `SELECT set_config('idle_in_transaction_session_timeout', $2, true),
-		pg_try_advisory_xact_lock(hashtextextended('idempotency key ' || current_schema() || ' ' || $1, 0))`
-	selectKey = `SELECT fingerprint, status, location, etag, body FROM idempotency_keys
-		WHERE key = $1 AND created > now() - $2 * interval '1 millisecond'`
-	// insertKey replaces an expired row of the key that ExpireKeys has not
-	// deleted yet.
+	// lookupKey bounds how long the transaction may sit idle (a replica
+	// cut off mid-create must not hold its key for long), looks the key up,
+	// and takes its advisory lock unless another transaction holds it: one
+	// round trip. The lock is a 64-bit hash of the key and the schema
+	// (schemas sharing a database, such as the tests', do not share keys);
+	// two keys whose hashes collide only make one wait (409) while the
+	// other runs. The lookup sees the statement's snapshot, which a create
+	// committing just before the lock was taken may be missing from:
+	// insertKey then finds its row.
+	lookupKey = `SELECT set_config('idle_in_transaction_session_timeout', $3, true),
+		pg_try_advisory_xact_lock(hashtextextended('idempotency key ' || current_schema() || ' ' || $1, 0)),
+		k.fingerprint, k.status, k.location, k.etag, k.body
+		FROM (SELECT) AS one LEFT JOIN idempotency_keys k
+		ON k.key = $1 AND k.created > now() - $2 * interval '1 millisecond'`
+	// insertKey records a key, replacing an expired row of it that
+	// ExpireKeys has not deleted yet, but never a live one: then it changes
+	// no row.
 	insertKey = `INSERT INTO idempotency_keys (key, fingerprint, status, location, etag, body)
 		VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key) DO UPDATE
-		SET fingerprint = $2, status = $3, location = $4, etag = $5, body = $6, created = now()`
+		SET fingerprint = $2, status = $3, location = $4, etag = $5, body = $6, created = now()
+		WHERE idempotency_keys.created <= now() - $7 * interval '1 millisecond'`
 	deleteExpiredKeys = `DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys
 		WHERE created <= now() - $1 * interval '1 millisecond' ORDER BY created LIMIT $2 FOR UPDATE SKIP LOCKED)`
 )
@@ -400,46 +407,69 @@ var (
 func (s *Store) CreateOnce(ctx context.Context, key string, fingerprint []byte, it Item,
 	respond func(Item) (Response, error)) (res Response, replayed bool, err error) {
 	err = s.withConn(ctx, idempotent, func(ctx context.Context, c *sql.Conn) error {
-		replayed = false
-		tx, err := c.BeginTx(ctx, nil)
-		if err != nil {
-			return err
+		for try := 1; ; try++ {
+			res, replayed, err = s.createOnce(ctx, c, key, fingerprint, it, respond)
+			switch {
+			case err == errKeyRaced && try == 2:
+				return ErrKeyInUse // still racing: the client tries again
+			case err != errKeyRaced:
+				return err
+			}
 		}
-		defer tx.Rollback()
-		var setting string
-		var locked bool
-		idle := strconv.FormatInt(s.timeout.Milliseconds(), 10) // the caller has given up by then
-		if err := tx.QueryRowContext(ctx, lockKey, key, idle).Scan(&setting, &locked); err != nil {
-			return err
-		}
-		if !locked {
-			return ErrKeyInUse
-		}
-		var recorded []byte
-		err = tx.QueryRowContext(ctx, selectKey, key, s.keyTTL.Milliseconds()).Scan(
-			&recorded, &res.Status, &res.Location, &res.ETag, &res.Body)
-		switch {
-		case err == nil && !bytes.Equal(recorded, fingerprint):
-			return ErrKeyReused
-		case err == nil:
-			replayed = true
-			return nil
-		case !errors.Is(err, sql.ErrNoRows):
-			return err
-		}
-		stored, err := s.insert(ctx, tx, it)
-		if err != nil {
-			return err
-		}
-		if res, err = respond(stored); err != nil {
-			return err
-		}
-		if _, err := tx.ExecContext(ctx, insertKey, key, fingerprint, res.Status, res.Location, res.ETag, string(res.Body)); err != nil {
-			return err
-		}
-		return tx.Commit()
 	})
 	return res, replayed, err
+}
+
+// errKeyRaced is a create under a key that found no record of it, but
+// whose record of its own met one: a create with the key committed after
+// the lookup's snapshot. Nothing was written; another try replays it.
+var errKeyRaced = errors.New("a create with the idempotency key committed meanwhile")
+
+// createOnce is one transaction of CreateOnce on c. A record of the key
+// answers at once, even while another request holds the key's lock (two
+// retries of a finished create both replay it); only a key with no record
+// yet is locked, and its record made.
+func (s *Store) createOnce(ctx context.Context, c *sql.Conn, key string, fingerprint []byte, it Item,
+	respond func(Item) (Response, error)) (res Response, replayed bool, err error) {
+	tx, err := c.BeginTx(ctx, nil)
+	if err != nil {
+		return res, false, err
+	}
+	defer tx.Rollback()
+	var setting string
+	var locked bool
+	var recorded, body []byte
+	var status sql.NullInt32
+	var location, etag sql.NullString
+	idle := strconv.FormatInt(s.timeout.Milliseconds(), 10) // the caller has given up by then
+	ttl := s.keyTTL.Milliseconds()
+	if err := tx.QueryRowContext(ctx, lookupKey, key, ttl, idle).Scan(&setting, &locked,
+		&recorded, &status, &location, &etag, &body); err != nil {
+		return res, false, err
+	}
+	switch {
+	case status.Valid && !bytes.Equal(recorded, fingerprint):
+		return res, false, ErrKeyReused
+	case status.Valid:
+		return Response{Status: int(status.Int32), Location: location.String, ETag: etag.String, Body: body}, true, nil
+	case !locked:
+		return res, false, ErrKeyInUse
+	}
+	stored, err := s.insert(ctx, tx, it)
+	if err != nil {
+		return res, false, err
+	}
+	if res, err = respond(stored); err != nil {
+		return res, false, err
+	}
+	r, err := tx.ExecContext(ctx, insertKey, key, fingerprint, res.Status, res.Location, res.ETag, string(res.Body), ttl)
+	if err != nil {
+		return res, false, err
+	}
+	if n, err := r.RowsAffected(); err != nil || n == 0 {
+		return res, false, cmp.Or(err, errKeyRaced)
+	}
+	return res, false, tx.Commit()
 }
 
 // keyBatch is the most idempotency keys one statement of ExpireKeys deletes.
@@ -850,6 +880,9 @@ func severity(e *pgconn.PgError) string {
 // (no such item, another version, an idempotency key taken), rather than a
 // failure: none of them is counted as an error (postgres_errors).
 func answered(err error) bool {
+	if errors.Is(err, ErrOutcomeUnknown) {
+		return false // the answer of a retry, whose first try failed
+	}
 	return errors.Is(err, ErrNotFound) || errors.As(err, new(*PreconditionError)) ||
 		errors.Is(err, ErrKeyInUse) || errors.Is(err, ErrKeyReused)
 }

@@ -816,6 +816,11 @@ func TestRetriedConditionalWrite(t *testing.T) {
 	if res.status != http.StatusServiceUnavailable || !strings.Contains(errorMessage(t, res), "whether it was applied is unknown") {
 		t.Errorf("PUT If-Match \"2\": %d %s; want 503 saying the outcome is unknown", res.status, res.body)
 	}
+	var vars struct{ Items map[string]int64 }
+	json.Unmarshal(do(t, "GET", base+"/debug/vars", "").body, &vars)
+	if vars.Items["postgres_errors"] == 0 {
+		t.Errorf("postgres_errors: %d; want the failed write counted", vars.Items["postgres_errors"])
+	}
 	if got := do(t, "GET", url, ""); !strings.Contains(string(got.body), `"new"`) || got.header.Get("ETag") != `"3"` {
 		t.Errorf("GET after: %d %s %s; want the new name at \"3\"", got.status, got.header.Get("ETag"), got.body)
 	}

@@ -381,8 +381,9 @@ type entityTag struct {
 // parseETags parses the header name of h (If-Match or If-None-Match),
 // all its field lines as one list: "*", or entity tags separated by commas
 // and optional white space, empty elements allowed (RFC 9110 sections
-// 13.1.1, 13.1.2, 8.8.3 and 5.6.1). present is false if the header is
-// absent. A malformed one is a 400 saying what is wrong.
+// 13.1.1, 13.1.2, 8.8.3 and 5.6.1), or an empty list, which nothing
+// matches. present is false if the header is absent. A malformed one is a
+// 400 saying what is wrong.
 func parseETags(h http.Header, name string) (tags entityTags, present bool, err error) {
 	lines := h.Values(name)
 	if len(lines) == 0 {
@@ -429,10 +430,7 @@ func parseETags(h http.Header, name string) (tags entityTags, present bool, err 
 		}
 		tags.tags = append(tags.tags, t)
 	}
-	if len(tags.tags) == 0 {
-		return entityTags{}, true, bad("it lists none")
-	}
-	return tags, true, nil
+	return tags, true, nil // perhaps none: an empty list, which nothing matches
 }
 
 // match reports whether tags match an item at version: by weak
@@ -796,14 +794,17 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		// The client went away (or gave up): nothing is wrong with the
 		// database, and nobody reads this answer. 499 as in nginx's logs.
 		status, res.Error = statusClientClosedRequest, "client closed the request"
-	case errors.Is(err, ErrOutcomeUnknown) || errors.Is(err, ErrUnavailable) && r.Method != http.MethodGet && !Unchanged(err):
+	case r.Method != http.MethodGet && (errors.Is(err, ErrOutcomeUnknown) || errors.Is(err, ErrUnavailable) && !Unchanged(err)):
 		// Before the answers below: a retry's 412 or 409 may come of the
 		// first try having committed.
 		noteError(w, err)
 		w.Header().Set("Retry-After", "1")
 		status, res.Error = http.StatusServiceUnavailable, "the write reached the database but its answer did not come back "+
-			"(a timeout or a lost connection), so whether it was applied is unknown; repeat a POST with the same Idempotency-Key, "+
-			"or read the item (or the list) before trying again"
+			"(a timeout or a lost connection), so whether it was applied is unknown; read the item before trying again"
+		if r.Method == http.MethodPost {
+			res.Error = "the create reached the database but its answer did not come back (a timeout or a lost connection), " +
+				"so whether it was applied is unknown; send it again with the same Idempotency-Key, or without one read the list first"
+		}
 	case errors.As(err, &changed):
 		tag := etag(changed.Version)
 		w.Header().Set("ETag", tag)

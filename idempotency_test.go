@@ -132,7 +132,8 @@ func TestIdempotencyKeyInUse(t *testing.T) {
 }
 
 // TestConcurrentCreatesWithOneKey: many POSTs with one key at once make
-// one item; each answer is that item (201) or 409.
+// one item; each answer is that item (201) or 409. Then as many retries at
+// once all replay it.
 func TestConcurrentCreatesWithOneKey(t *testing.T) {
 	cfg := testConfig(t)
 	log := slog.New(slog.DiscardHandler)
@@ -166,6 +167,21 @@ func TestConcurrentCreatesWithOneKey(t *testing.T) {
 		for _, body := range created {
 			if body != created[0] {
 				t.Errorf("round %d: answers %s and %s; want one item", round, created[0], body)
+			}
+		}
+		// Retries of the finished create, at once: each replays it; none
+		// is told that the first is still running.
+		for i := range answers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				answers[i] = do(t, "POST", base+"/items", fmt.Sprintf(`{"name":%q}`, name), "Idempotency-Key", key)
+			}()
+		}
+		wg.Wait()
+		for _, a := range answers {
+			if a.status != 201 || string(a.body) != created[0] || a.header.Get("Idempotent-Replayed") != "true" {
+				t.Errorf("round %d: a retry after the create: %d %s; want it replayed, 201 %s", round, a.status, a.body, created[0])
 			}
 		}
 	}
