@@ -377,3 +377,30 @@ func TestRetriedCreatesThroughFaults(t *testing.T) {
 	t.Logf("%d keys, %d rows: %d duplicates, %d lost; %d keys needed retries; answers %v, %d replayed, %d transport errors",
 		len(done), len(rows), duplicates, lost, retried, statuses, replayed, transport)
 }
+
+// TestInsertKeyNeverReplacesALiveKey: the record of a key replaces an
+// expired row of it, never a live one, so a create that raced with
+// another under the same key writes nothing (errKeyRaced).
+func TestInsertKeyNeverReplacesALiveKey(t *testing.T) {
+	cfg := testConfig(t)
+	store := newTestStore(t, cfg, slog.New(slog.DiscardHandler))
+	rawSQL(t, cfg, `INSERT INTO idempotency_keys (key, fingerprint, status, location, etag, body, created)
+		VALUES ('live', '\x01', 201, '/items/1', '"1"', '{"id":1}', now()), ('old', '\x01', 201, '/items/2', '"1"', '{"id":2}', now() - interval '2 days')`)
+	for _, c := range []struct {
+		key  string
+		want int64
+	}{{"live", 0}, {"old", 1}} {
+		r, err := store.db.ExecContext(t.Context(), insertKey, c.key, []byte{2}, 201, "/items/3", `"1"`, `{"id":3}`, store.keyTTL.Milliseconds())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n, _ := r.RowsAffected(); n != c.want {
+			t.Errorf("recording key %q over its row: %d rows changed; want %d", c.key, n, c.want)
+		}
+	}
+	var body string
+	store.db.QueryRowContext(t.Context(), "SELECT body FROM idempotency_keys WHERE key = 'live'").Scan(&body)
+	if body != `{"id":1}` {
+		t.Errorf("the live key's answer is now %s; want it kept", body)
+	}
+}
