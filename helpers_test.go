@@ -74,12 +74,17 @@ var postgresUp = sync.OnceValue(func() error {
 	if err != nil {
 		return err
 	}
-	cfg.DBConnectTimeout = 3 * time.Second
-	store, err := openStore(context.Background(), cfg, slog.New(slog.DiscardHandler))
+	// A ping, not a Store: opening a Store would migrate the environment's
+	// own schema (public, unless DB_SCHEMA says otherwise), which may be a
+	// running stack's.
+	db, err := sql.Open("pgx", cfg.dsn())
 	if err != nil {
 		return err
 	}
-	return store.Close()
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	return classify(db.PingContext(ctx))
 })
 
 // newTestStore opens a store on cfg's schema and drops the schema when the

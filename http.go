@@ -394,7 +394,7 @@ func parseETags(h http.Header, name string) (tags entityTags, present bool, err 
 		return entityTags{any: true}, true, nil
 	}
 	bad := func(problem string) error {
-		return badRequest(`%s must be * or a list of entity tags such as "3" (or W/"3"): %s, in %q`, name, problem, truncate(field))
+		return badRequest(`%s must be * or a list of entity tags, such as "3" or "3", "4": %s, in %q`, name, problem, truncate(field))
 	}
 	ows := func(i int) int {
 		for i < len(field) && (field[i] == ' ' || field[i] == '\t') {
@@ -810,6 +810,9 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) {
 		w.Header().Set("ETag", tag)
 		status, res.Error = http.StatusPreconditionFailed, fmt.Sprintf("the item has changed since it was read: its ETag is now %s, which If-Match "+
 			"does not list; GET it, redo your change on it and send If-Match: %s", tag, tag)
+		if tags, _, _ := parseETags(r.Header, "If-Match"); tags.match(changed.Version, true) {
+			res.Error = fmt.Sprintf("If-Match names the item's version only by a weak tag, W/%s, which never matches (strong comparison); send If-Match: %s", tag, tag)
+		}
 	case errors.Is(err, ErrKeyInUse):
 		w.Header().Set("Retry-After", "1")
 		status, res.Error = http.StatusConflict, "a request with this Idempotency-Key is still being processed; "+

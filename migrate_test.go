@@ -93,6 +93,7 @@ func TestReplicasMigrateTogether(t *testing.T) {
 func TestMigrateCommand(t *testing.T) {
 	cfg := testConfig(t)
 	store := newTestStore(t, cfg, newLogBuffer(t).logger()) // drops the schema at the end
+	newTestCache(t, cfg, newLogBuffer(t).logger())          // deletes the keys the service writes
 	rawSQL(t, cfg, "DROP SCHEMA "+cfg.DBSchema+" CASCADE")
 
 	noMigrate := envFrom(cfg, "MIGRATE_ON_START", "false")
