@@ -483,7 +483,7 @@ func writePrecondition(h http.Header, requireIfMatch bool) ([]int64, error) {
 		return nil, err
 	case !present && requireIfMatch:
 		return nil, &apiError{Status: http.StatusPreconditionRequired,
-			Message: `this service takes writes only with If-Match: send the ETag of the item as you last read it (If-Match: "3"), so that a change made since is not overwritten; If-Match: * writes whatever its version`}
+			Message: `this service takes writes only with If-Match: send the ETag of the item as you last read it (such as If-Match: "3"), so that a change made since is not overwritten; If-Match: * writes whatever its version`}
 	case !present:
 		return nil, nil
 	}
