@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/url"
 	"reflect"
@@ -386,9 +387,12 @@ var (
 	// insertKey records a key, replacing an expired row of it that
 	// ExpireKeys has not deleted yet, but never a live one: then it changes
 	// no row.
-	insertKey = `INSERT INTO idempotency_keys (key, fingerprint, status, location, etag, body)
-		VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key) DO UPDATE
-		SET fingerprint = $2, status = $3, location = $4, etag = $5, body = $6, created = now()
+	// Its time is the clock's, not now() (the transaction's start): a
+	// create that waited long (on a lock, say) must not record a key that
+	// is already older than the TTL.
+	insertKey = `INSERT INTO idempotency_keys (key, fingerprint, status, location, etag, body, created)
+		VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp()) ON CONFLICT (key) DO UPDATE
+		SET fingerprint = $2, status = $3, location = $4, etag = $5, body = $6, created = clock_timestamp()
 		WHERE idempotency_keys.created <= now() - $7 * interval '1 millisecond'`
 	deleteExpiredKeys = `DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys
 		WHERE created <= now() - $1 * interval '1 millisecond' ORDER BY created LIMIT $2 FOR UPDATE SKIP LOCKED)`
@@ -441,7 +445,7 @@ func (s *Store) createOnce(ctx context.Context, c *sql.Conn, key string, fingerp
 	var recorded, body []byte
 	var status sql.NullInt32
 	var location, etag sql.NullString
-	idle := strconv.FormatInt(s.timeout.Milliseconds(), 10) // the caller has given up by then
+	idle := strconv.FormatInt(timeoutSetting(s.timeout), 10) // the caller has given up by then
 	ttl := s.keyTTL.Milliseconds()
 	if err := tx.QueryRowContext(ctx, lookupKey, key, ttl, idle).Scan(&setting, &locked,
 		&recorded, &status, &location, &etag, &body); err != nil {
@@ -470,6 +474,13 @@ func (s *Store) createOnce(ctx context.Context, c *sql.Conn, key string, fingerp
 		return res, false, cmp.Or(err, errKeyRaced)
 	}
 	return res, false, tx.Commit()
+}
+
+// timeoutSetting is d as a PostgreSQL timeout setting, in milliseconds:
+// at least 1 (0 would turn the timeout off) and at most the setting's
+// maximum, 2^31-1 (about 24 days).
+func timeoutSetting(d time.Duration) int64 {
+	return min(max(d.Milliseconds(), 1), math.MaxInt32)
 }
 
 // keyBatch is the most idempotency keys one statement of ExpireKeys deletes.
@@ -615,7 +626,7 @@ func (s *Store) SweepOutbox(limit int, wait bool, apply func(context.Context, ma
 	// with its session left open) must not hold the rows for long: the
 	// others skip them meanwhile. The transaction is idle only while apply
 	// calls Redis (REDIS_TIMEOUT at most).
-	if _, err := tx.ExecContext(ctx, fmt.Sprintf("SET LOCAL idle_in_transaction_session_timeout = %d", s.sweepIdle.Milliseconds())); err != nil {
+	if _, err := tx.ExecContext(ctx, fmt.Sprintf("SET LOCAL idle_in_transaction_session_timeout = %d", timeoutSetting(s.sweepIdle))); err != nil {
 		return 0, s.classify(err)
 	}
 	skip := "SKIP LOCKED"

@@ -404,3 +404,33 @@ func TestInsertKeyNeverReplacesALiveKey(t *testing.T) {
 		t.Errorf("the live key's answer is now %s; want it kept", body)
 	}
 }
+
+// TestSlowCreateKeepsItsKey: a create that waits on a lock for longer than
+// IDEMPOTENCY_KEY_TTL still records a key that lives a TTL from its
+// commit, so that a retry right after it is replayed.
+func TestSlowCreateKeepsItsKey(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.IdempotencyKeyTTL = time.Second
+	cfg.DBQueryTimeout = 10 * time.Second
+	log := slog.New(slog.DiscardHandler)
+	store := newTestStore(t, cfg, log)
+	base := testServer(t, log, store, newTestCache(t, cfg, log))
+	unlock := lockItems(t, cfg)
+	time.AfterFunc(1500*time.Millisecond, unlock)
+	first := do(t, "POST", base+"/items", `{"name":"slow"}`, "Idempotency-Key", "slow")
+	again := do(t, "POST", base+"/items", `{"name":"slow"}`, "Idempotency-Key", "slow")
+	if first.status != 201 || again.header.Get("Idempotent-Replayed") != "true" || string(again.body) != string(first.body) {
+		t.Errorf("a create that took %s, then its retry: %d %s, then %d %v %s; want the retry replayed",
+			first.elapsed.Round(time.Millisecond), first.status, first.body, again.status, again.header, again.body)
+	}
+}
+
+func TestTimeoutSetting(t *testing.T) {
+	for d, want := range map[time.Duration]int64{
+		3 * time.Second: 3000, 500 * time.Microsecond: 1, 600 * time.Hour: 1<<31 - 1,
+	} {
+		if got := timeoutSetting(d); got != want {
+			t.Errorf("timeoutSetting(%s) = %d; want %d", d, got, want)
+		}
+	}
+}
