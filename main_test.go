@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -184,7 +186,38 @@ func TestMain(m *testing.M) {
 		main()
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	flag.Parse() // for testing.Short
+	before, ok := envSchemaVersion()
+	code := m.Run()
+	if after, ok2 := envSchemaVersion(); ok && ok2 && after != before && code == 0 {
+		fmt.Fprintf(os.Stderr, "FAIL: the tests migrated the environment's own schema (from %s to %s): a running stack's; each test must keep to its own schema\n", before, after)
+		code = 1
+	}
+	os.Exit(code)
+}
+
+// envSchemaVersion is the migration version of the schema the environment
+// names (DB_SCHEMA, or public), or "none"; ok is false if PostgreSQL does
+// not answer. The tests run in schemas of their own, so it must not change.
+func envSchemaVersion() (version string, ok bool) {
+	cfg, err := loadConfig(os.Getenv)
+	if err != nil || testing.Short() {
+		return "", false
+	}
+	db, err := sql.Open("pgx", cfg.dsn())
+	if err != nil {
+		return "", false
+	}
+	defer db.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if db.PingContext(ctx) != nil {
+		return "", false
+	}
+	if db.QueryRowContext(ctx, "SELECT max(version_id)::text FROM goose_db_version").Scan(&version) != nil {
+		return "none", true
+	}
+	return version, true
 }
 
 // TestSIGTERMUnderLoad runs the service as a process, loads it with reads
