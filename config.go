@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -22,7 +23,7 @@ type Config struct {
 	DBPort           int           // DB_PORT
 	DBName           string        // DB_NAME
 	DBUser           string        // DB_USER
-	DBPassword       string        // DB_PASSWORD; never logged.
+	DBPassword       string        // DB_PASSWORD, or the file DB_PASSWORD_FILE names (see secret); never logged.
 	DBSchema         string        // DB_SCHEMA: created if missing and put first on search_path; empty keeps the server's default (public).
 	DBSSLMode        string        // DB_SSLMODE: libpq sslmode (disable, allow, prefer, require, verify-ca, verify-full).
 	DBMaxConns       int           // DB_MAX_CONNS: size of the connection pool; retries may open a quarter more (Store.withConn).
@@ -39,14 +40,14 @@ type Config struct {
 	RedisHost     string // REDIS_HOST
 	RedisPort     int    // REDIS_PORT
 	RedisUsername string // REDIS_USERNAME: an ACL user (Redis 6+); empty is the default user.
-	RedisPassword string // REDIS_PASSWORD; never logged.
+	RedisPassword string // REDIS_PASSWORD, or the file REDIS_PASSWORD_FILE names; never logged.
 	// REDIS_SENTINEL_ADDRS: host:port of each Sentinel, comma-separated. When
 	// set, the cache asks them for the master named REDIS_MASTER_NAME and
 	// follows its failovers; REDIS_HOST and REDIS_PORT are then unused.
 	RedisSentinelAddrs    string
 	RedisMasterName       string        // REDIS_MASTER_NAME
 	RedisSentinelUsername string        // REDIS_SENTINEL_USERNAME
-	RedisSentinelPassword string        // REDIS_SENTINEL_PASSWORD; never logged.
+	RedisSentinelPassword string        // REDIS_SENTINEL_PASSWORD, or the file REDIS_SENTINEL_PASSWORD_FILE names; never logged.
 	RedisDB               int           // REDIS_DB: logical database number.
 	RedisTimeout          time.Duration // REDIS_TIMEOUT: dial, read and write timeout of each Redis call.
 	RedisRetry            time.Duration // REDIS_RETRY_INTERVAL: after a Redis failure, how long the cache is bypassed before Redis is probed again.
@@ -70,7 +71,7 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		DBPort:            p.port("DB_PORT", 5432, false),
 		DBName:            p.str("DB_NAME", "appdb"),
 		DBUser:            p.str("DB_USER", "appuser"),
-		DBPassword:        p.str("DB_PASSWORD", "secret"),
+		DBPassword:        p.secret("DB_PASSWORD", "secret"),
 		DBSchema:          p.str("DB_SCHEMA", ""),
 		DBSSLMode:         p.oneOf("DB_SSLMODE", "prefer", "disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
 		DBMaxConns:        p.intRange("DB_MAX_CONNS", 16, 1, 1000),
@@ -85,11 +86,11 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		RedisHost:             p.str("REDIS_HOST", "localhost"),
 		RedisPort:             p.port("REDIS_PORT", 6379, false),
 		RedisUsername:         p.str("REDIS_USERNAME", ""),
-		RedisPassword:         p.str("REDIS_PASSWORD", ""),
+		RedisPassword:         p.secret("REDIS_PASSWORD", ""),
 		RedisSentinelAddrs:    p.str("REDIS_SENTINEL_ADDRS", ""),
 		RedisMasterName:       p.str("REDIS_MASTER_NAME", "mymaster"),
 		RedisSentinelUsername: p.str("REDIS_SENTINEL_USERNAME", ""),
-		RedisSentinelPassword: p.str("REDIS_SENTINEL_PASSWORD", ""),
+		RedisSentinelPassword: p.secret("REDIS_SENTINEL_PASSWORD", ""),
 		RedisDB:               p.intRange("REDIS_DB", 0, 0, 15),
 		RedisTimeout:          p.duration("REDIS_TIMEOUT", 200*time.Millisecond),
 		RedisRetry:            p.duration("REDIS_RETRY_INTERVAL", time.Second),
@@ -251,6 +252,28 @@ func (p *envParser) str(name, def string) string {
 		return v
 	}
 	return def
+}
+
+// secret reads a password: the variable name, or the contents of the file
+// that name_FILE names (a Docker or Kubernetes secret mounted as a file),
+// less one trailing newline, as the postgres image reads
+// POSTGRES_PASSWORD_FILE. Setting both is an error naming both, and so is a
+// file that cannot be read; neither error shows the secret.
+func (p *envParser) secret(name, def string) string {
+	file := p.getenv(name + "_FILE")
+	if file == "" {
+		return p.str(name, def)
+	}
+	if p.getenv(name) != "" {
+		p.fail(name+"_FILE", file, "cannot be set together with "+name+": set one of them")
+		return def
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		p.fail(name+"_FILE", file, "must name a readable file: "+err.Error())
+		return def
+	}
+	return strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
 }
 
 func (p *envParser) intRange(name string, def, lo, hi int) int {

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -154,5 +156,44 @@ func TestSentinelConfig(t *testing.T) {
 	cfg, err := loadConfig(envMap(map[string]string{"REDIS_SENTINEL_ADDRS": " s1:26379, s2:26380 ", "REDIS_MASTER_NAME": "items"}))
 	if got := cfg.sentinelAddrs(); err != nil || len(got) != 2 || got[0] != "s1:26379" || got[1] != "s2:26380" {
 		t.Errorf("REDIS_SENTINEL_ADDRS: %v %q", err, got)
+	}
+}
+
+// TestSecretFiles: each password may come from a file named by its _FILE
+// variable, one trailing newline dropped; both set, or a file that cannot
+// be read, is an error naming the variables and not the secret.
+func TestSecretFiles(t *testing.T) {
+	dir := t.TempDir()
+	file := func(name, content string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	cfg, err := loadConfig(envMap(map[string]string{
+		"DB_PASSWORD_FILE":             file("db", "s3cret\n"),
+		"REDIS_PASSWORD_FILE":          file("redis", "r-pass\r\n"),
+		"REDIS_SENTINEL_PASSWORD_FILE": file("sentinel", "two\nlines\n"),
+	}))
+	if err != nil || cfg.DBPassword != "s3cret" || cfg.RedisPassword != "r-pass" || cfg.RedisSentinelPassword != "two\nlines" {
+		t.Fatalf("from files: %q %q %q, %v; want s3cret, r-pass and the two lines", cfg.DBPassword, cfg.RedisPassword, cfg.RedisSentinelPassword, err)
+	}
+	for _, c := range []struct {
+		env  map[string]string
+		want []string
+	}{
+		{map[string]string{"DB_PASSWORD": "inline", "DB_PASSWORD_FILE": file("db2", "s3cret")}, []string{"DB_PASSWORD_FILE", "DB_PASSWORD:"}},
+		{map[string]string{"REDIS_PASSWORD_FILE": filepath.Join(dir, "missing")}, []string{"REDIS_PASSWORD_FILE", "readable"}},
+	} {
+		_, err := loadConfig(envMap(c.env))
+		for _, w := range c.want {
+			if err == nil || !strings.Contains(err.Error(), w) {
+				t.Errorf("%v: %v; want an error naming %q", c.env, err, w)
+			}
+		}
+		if err != nil && (strings.Contains(err.Error(), "s3cret") || strings.Contains(err.Error(), "inline")) {
+			t.Errorf("%v: %v; want no secret in the error", c.env, err)
+		}
 	}
 }
