@@ -422,49 +422,38 @@ func TestNothingLost(t *testing.T) {
 	var all []sent
 	var backwards []string
 	stop := make(chan struct{})
-	var wg sync.WaitGroup
+	last := make([]int64, 8) // each client's last id
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}, Timeout: 10 * time.Second}
 	defer client.CloseIdleConnections()
-	for w := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var last int64
-			for n := 0; ; n++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				s := sent{name: fmt.Sprintf("w%d-%d", w, n), description: fmt.Sprintf("written by %d, number %d; it's \"quoted\"", w, n)}
-				body, _ := json.Marshal(map[string]string{"name": s.name, "description": s.description})
-				resp, err := client.Post(base+"/items", "application/json", bytes.NewReader(body))
-				if err != nil {
-					t.Errorf("POST: %v", err)
-					return
-				}
-				b, _ := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				s.status = resp.StatusCode
-				if s.status == 201 {
-					if err := json.Unmarshal(b, &s.item); err != nil {
-						t.Errorf("201 with %s: %v", b, err)
-					}
-					if s.item.ID <= last {
-						mu.Lock()
-						backwards = append(backwards, fmt.Sprintf("client %d: id %d after %d", w, s.item.ID, last))
-						mu.Unlock()
-					}
-					last = s.item.ID
-				} else if s.status != 503 {
-					t.Errorf("POST: got %d %s; want 201 or 503", s.status, b)
-				}
+	wait := loadClients(8, stop, func(w, n int) bool {
+		s := sent{name: fmt.Sprintf("w%d-%d", w, n), description: fmt.Sprintf("written by %d, number %d; it's \"quoted\"", w, n)}
+		body, _ := json.Marshal(map[string]string{"name": s.name, "description": s.description})
+		resp, err := client.Post(base+"/items", "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Errorf("POST: %v", err)
+			return false
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		s.status = resp.StatusCode
+		if s.status == 201 {
+			if err := json.Unmarshal(b, &s.item); err != nil {
+				t.Errorf("201 with %s: %v", b, err)
+			}
+			if s.item.ID <= last[w] {
 				mu.Lock()
-				all = append(all, s)
+				backwards = append(backwards, fmt.Sprintf("client %d: id %d after %d", w, s.item.ID, last[w]))
 				mu.Unlock()
 			}
-		}()
-	}
+			last[w] = s.item.ID
+		} else if s.status != 503 {
+			t.Errorf("POST: got %d %s; want 201 or 503", s.status, b)
+		}
+		mu.Lock()
+		all = append(all, s)
+		mu.Unlock()
+		return true
+	})
 	step(t, 300*time.Millisecond, "cut PostgreSQL", func() { pg.setCut(true) })
 	step(t, 700*time.Millisecond, "restore PostgreSQL", func() { pg.setCut(false) })
 	step(t, 500*time.Millisecond, "kill Redis", stopRedis)
@@ -472,7 +461,7 @@ func TestNothingLost(t *testing.T) {
 	step(t, 500*time.Millisecond, "stall PostgreSQL", pg.stall)
 	step(t, 700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
 	step(t, 500*time.Millisecond, "stop", func() { close(stop) })
-	wg.Wait()
+	wait()
 
 	// Every 201 is readable, through the API, as sent.
 	bySentName := map[string]sent{}

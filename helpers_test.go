@@ -614,6 +614,30 @@ func startRun(t *testing.T, ctx context.Context, getenv func(string) string) (st
 	return "", nil
 }
 
+// loadClients runs count clients of a load: each calls request(w, n),
+// w its number and n 0, 1, ..., until stop is closed or request returns
+// false. wait waits for them all to end.
+func loadClients(count int, stop <-chan struct{}, request func(w, n int) bool) (wait func()) {
+	var wg sync.WaitGroup
+	for w := range count {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if !request(w, n) {
+					return
+				}
+			}
+		}()
+	}
+	return wg.Wait
+}
+
 // step waits d, logs what, then does it: one step of a fault schedule.
 func step(t *testing.T, d time.Duration, what string, do func()) {
 	t.Helper()

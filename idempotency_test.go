@@ -269,63 +269,52 @@ func TestRetriedCreatesThroughFaults(t *testing.T) {
 	statuses := map[int]int{}
 	var replayed, transport int
 	stop := make(chan struct{})
-	var wg sync.WaitGroup
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8}, Timeout: 10 * time.Second}
 	defer client.CloseIdleConnections()
-	for w := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for n := 0; ; n++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				o := outcome{key: fmt.Sprintf("w%d-%d-%s", w, n, randomHex(t))}
-				body := fmt.Sprintf(`{"name":%q}`, o.key)
-				for ; ; o.tries++ {
-					if o.tries == 300 {
-						t.Errorf("key %s: no 201 after %d tries", o.key, o.tries)
-						return
-					}
-					req, _ := http.NewRequest("POST", base+"/items", strings.NewReader(body))
-					req.Header.Set("Content-Type", "application/json")
-					req.Header.Set("Idempotency-Key", o.key)
-					resp, err := client.Do(req)
-					if err != nil {
-						mu.Lock()
-						transport++
-						mu.Unlock()
-						time.Sleep(20 * time.Millisecond)
-						continue
-					}
-					b, _ := io.ReadAll(resp.Body)
-					resp.Body.Close()
-					mu.Lock()
-					statuses[resp.StatusCode]++
-					if resp.Header.Get("Idempotent-Replayed") == "true" {
-						replayed++
-					}
-					mu.Unlock()
-					if resp.StatusCode == 201 {
-						if err := json.Unmarshal(b, &o.item); err != nil || o.item.Name != o.key {
-							t.Errorf("key %s: 201 with %s", o.key, b)
-						}
-						break
-					}
-					if resp.StatusCode != 503 && resp.StatusCode != 409 {
-						t.Errorf("key %s: %d %s; want 201, 409 or 503", o.key, resp.StatusCode, b)
-						return
-					}
-					time.Sleep(20 * time.Millisecond)
-				}
-				mu.Lock()
-				done = append(done, o)
-				mu.Unlock()
+	wait := loadClients(8, stop, func(w, n int) bool {
+		o := outcome{key: fmt.Sprintf("w%d-%d-%s", w, n, randomHex(t))}
+		body := fmt.Sprintf(`{"name":%q}`, o.key)
+		for ; ; o.tries++ {
+			if o.tries == 300 {
+				t.Errorf("key %s: no 201 after %d tries", o.key, o.tries)
+				return false
 			}
-		}()
-	}
+			req, _ := http.NewRequest("POST", base+"/items", strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Idempotency-Key", o.key)
+			resp, err := client.Do(req)
+			if err != nil {
+				mu.Lock()
+				transport++
+				mu.Unlock()
+				time.Sleep(20 * time.Millisecond)
+				continue
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			mu.Lock()
+			statuses[resp.StatusCode]++
+			if resp.Header.Get("Idempotent-Replayed") == "true" {
+				replayed++
+			}
+			mu.Unlock()
+			if resp.StatusCode == 201 {
+				if err := json.Unmarshal(b, &o.item); err != nil || o.item.Name != o.key {
+					t.Errorf("key %s: 201 with %s", o.key, b)
+				}
+				break
+			}
+			if resp.StatusCode != 503 && resp.StatusCode != 409 {
+				t.Errorf("key %s: %d %s; want 201, 409 or 503", o.key, resp.StatusCode, b)
+				return false
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		mu.Lock()
+		done = append(done, o)
+		mu.Unlock()
+		return true
+	})
 	terminateAll := func() { terminate(t, direct.db, false) }
 	step(t, 300*time.Millisecond, "cut PostgreSQL", func() { pg.setCut(true) })
 	step(t, 700*time.Millisecond, "restore PostgreSQL", func() { pg.setCut(false) })
@@ -338,7 +327,7 @@ func TestRetriedCreatesThroughFaults(t *testing.T) {
 	step(t, 300*time.Millisecond, "stall replies only", pg.stallReplies)
 	step(t, 700*time.Millisecond, "restore PostgreSQL", pg.dropHeld)
 	step(t, 500*time.Millisecond, "stop", func() { close(stop) })
-	wg.Wait()
+	wait()
 
 	rows, err := direct.List(t.Context(), 0, 1_000_000)
 	if err != nil {

@@ -254,62 +254,51 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	var failures []string
 	var created []Item
 	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for w := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for n := 0; ; n++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				var req *http.Request
-				if (w+n)%4 == 0 {
-					req, _ = http.NewRequest("POST", base+"/items", strings.NewReader(fmt.Sprintf(`{"name":"load %d-%d"}`, w, n)))
-					req.Header.Set("Content-Type", "application/json")
-				} else {
-					req, _ = http.NewRequest("GET", fmt.Sprintf("%s/items/%d", base, cached.ID), nil)
-				}
-				startedBeforeTerm := !termSent.Load()
-				inflight.Add(1)
-				resp, err := client.Do(req)
-				inflight.Add(-1)
-				if err != nil {
-					if !startedBeforeTerm {
-						refusedAfterTerm.Add(1)
-						time.Sleep(5 * time.Millisecond)
-						continue
-					}
-					mu.Lock()
-					failures = append(failures, fmt.Sprintf("%s sent before SIGTERM: %v", req.Method, err))
-					mu.Unlock()
-					return
-				}
-				if startedBeforeTerm && termSent.Load() {
-					finishedAfterTerm.Add(1)
-				}
-				body, err := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				mu.Lock()
-				switch {
-				case err != nil:
-					failures = append(failures, fmt.Sprintf("%s: reading the answer: %v", req.Method, err))
-				case req.Method == "POST" && resp.StatusCode == 201:
-					var it Item
-					json.Unmarshal(body, &it)
-					created = append(created, it)
-					ok.Add(1)
-				case req.Method == "GET" && resp.StatusCode == 200:
-					ok.Add(1)
-				default:
-					failures = append(failures, fmt.Sprintf("%s: %d %s", req.Method, resp.StatusCode, body))
-				}
-				mu.Unlock()
+	wait := loadClients(8, stop, func(w, n int) bool {
+		var req *http.Request
+		if (w+n)%4 == 0 {
+			req, _ = http.NewRequest("POST", base+"/items", strings.NewReader(fmt.Sprintf(`{"name":"load %d-%d"}`, w, n)))
+			req.Header.Set("Content-Type", "application/json")
+		} else {
+			req, _ = http.NewRequest("GET", fmt.Sprintf("%s/items/%d", base, cached.ID), nil)
+		}
+		startedBeforeTerm := !termSent.Load()
+		inflight.Add(1)
+		resp, err := client.Do(req)
+		inflight.Add(-1)
+		if err != nil {
+			if !startedBeforeTerm {
+				refusedAfterTerm.Add(1)
+				time.Sleep(5 * time.Millisecond)
+				return true
 			}
-		}()
-	}
+			mu.Lock()
+			failures = append(failures, fmt.Sprintf("%s sent before SIGTERM: %v", req.Method, err))
+			mu.Unlock()
+			return false
+		}
+		if startedBeforeTerm && termSent.Load() {
+			finishedAfterTerm.Add(1)
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		mu.Lock()
+		switch {
+		case err != nil:
+			failures = append(failures, fmt.Sprintf("%s: reading the answer: %v", req.Method, err))
+		case req.Method == "POST" && resp.StatusCode == 201:
+			var it Item
+			json.Unmarshal(body, &it)
+			created = append(created, it)
+			ok.Add(1)
+		case req.Method == "GET" && resp.StatusCode == 200:
+			ok.Add(1)
+		default:
+			failures = append(failures, fmt.Sprintf("%s: %d %s", req.Method, resp.StatusCode, body))
+		}
+		mu.Unlock()
+		return true
+	})
 	time.Sleep(300 * time.Millisecond)
 	pg.stall() // each client's next write waits in PostgreSQL: in flight at SIGTERM
 	waitFor(t, "every client to wait on a write", func() bool { return inflight.Load() == 8 && pg.held.Load() >= 8 })
@@ -336,7 +325,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 	}
 	took := time.Since(sent)
 	close(stop)
-	wg.Wait()
+	wait()
 
 	if exitErr != nil {
 		t.Errorf("exit: %v; want status 0", exitErr)
