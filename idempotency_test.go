@@ -141,16 +141,19 @@ func TestConcurrentCreatesWithOneKey(t *testing.T) {
 	base := testServer(t, log, store, newTestCache(t, cfg, log))
 	for round := range 10 {
 		key, name := fmt.Sprintf("round-%d-%s", round, randomHex(t)), fmt.Sprintf("round %d", round)
-		var wg sync.WaitGroup
 		answers := make([]response, 12)
-		for i := range answers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				answers[i] = do(t, "POST", base+"/items", fmt.Sprintf(`{"name":%q}`, name), "Idempotency-Key", key)
-			}()
+		postAll := func() { // the POST from each of len(answers) clients at once
+			var wg sync.WaitGroup
+			for i := range answers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					answers[i] = do(t, "POST", base+"/items", fmt.Sprintf(`{"name":%q}`, name), "Idempotency-Key", key)
+				}()
+			}
+			wg.Wait()
 		}
-		wg.Wait()
+		postAll()
 		var created []string
 		for _, a := range answers {
 			switch a.status {
@@ -171,14 +174,7 @@ func TestConcurrentCreatesWithOneKey(t *testing.T) {
 		}
 		// Retries of the finished create, at once: each replays it; none
 		// is told that the first is still running.
-		for i := range answers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				answers[i] = do(t, "POST", base+"/items", fmt.Sprintf(`{"name":%q}`, name), "Idempotency-Key", key)
-			}()
-		}
-		wg.Wait()
+		postAll()
 		for _, a := range answers {
 			if a.status != 201 || string(a.body) != created[0] || a.header.Get("Idempotent-Replayed") != "true" {
 				t.Errorf("round %d: a retry after the create: %d %s; want it replayed, 201 %s", round, a.status, a.body, created[0])
