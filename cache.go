@@ -378,6 +378,9 @@ var errCacheBypassed = errors.New("redis is being bypassed after a recent failur
 // Close closes the Redis client and its connections.
 func (c *Cache) Close() error { return c.rdb.Close() }
 
+// PoolStats are the statistics of go-redis's connection pool.
+func (c *Cache) PoolStats() *redis.PoolStats { return c.rdb.PoolStats() }
+
 // isReplyError reports whether Redis answered with an error reply, such as
 // OOM when it is full: it is reachable and may still serve reads, so a
 // refused SET does not make the cache bypass Redis.

@@ -255,6 +255,13 @@ func (s *Store) waitReady(ctx context.Context, cfg Config, log *slog.Logger) err
 	}
 }
 
+// PoolStats are the statistics of both connection pools: "main", that
+// every statement uses first, and "fresh", whose connections are new, for
+// a statement's second try (see withConn).
+func (s *Store) PoolStats() map[string]sql.DBStats {
+	return map[string]sql.DBStats{"main": s.db.Stats(), "fresh": s.fresh.Stats()}
+}
+
 // Close cuts the statements still running (as Cut does) and closes both
 // pools. run calls it once no request is left, or after Cut.
 func (s *Store) Close() error {

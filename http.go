@@ -25,11 +25,14 @@ import (
 
 // newServer is the HTTP handler of the service: every route, wrapped in
 // request logging, panic recovery and JSON answers for unknown routes and
-// wrong methods. Of cfg it reads REQUIRE_IF_MATCH.
+// wrong methods, and counted for GET /metrics. Of cfg it reads
+// REQUIRE_IF_MATCH.
 func newServer(cfg Config, log *slog.Logger, items *Items) http.Handler {
 	mux := http.NewServeMux()
+	m := newMetrics(items)
+	mux.Handle("GET /metrics", handleMetrics(m))
 	addRoutes(mux, items, cfg.RequireIfMatch)
-	return logRequests(log, mux)
+	return logRequests(log, m, mux)
 }
 
 // addRoutes lists every route of the API. requireIfMatch makes If-Match
@@ -855,9 +858,10 @@ func noteError(w http.ResponseWriter, err error) {
 
 // logRequests logs one line per request (method, route pattern, path,
 // status, duration, cache outcome, and the cause of a 5xx: a warning for a
-// 503, an error for a 500), turns a panic into a logged 500, and replaces
-// the mux's plain-text 404 and 405 answers with JSON ones.
-func logRequests(log *slog.Logger, next http.Handler) http.Handler {
+// 503, an error for a 500) and counts it in m, turns a panic into a logged
+// 500, and replaces the mux's plain-text 404 and 405 answers with JSON
+// ones.
+func logRequests(log *slog.Logger, m *Metrics, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &recorder{ResponseWriter: w, r: r}
@@ -879,6 +883,7 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 				}
 				rec.err = err
 			}
+			elapsed := time.Since(start)
 			level := slog.LevelInfo
 			switch {
 			case rec.err == nil:
@@ -892,13 +897,14 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 				slog.String("route", r.Pattern),
 				slog.String("path", r.URL.EscapedPath()),
 				slog.Int("status", rec.status),
-				slog.Duration("duration", time.Since(start)),
+				slog.Duration("duration", elapsed),
 				slog.String("cache", w.Header().Get("X-Cache")),
 			}
 			if rec.err != nil {
 				attrs = append(attrs, slog.Any("err", rec.err))
 			}
 			log.LogAttrs(r.Context(), level, "request", attrs...)
+			m.observe(r.Pattern, rec.status, elapsed)
 		}()
 		next.ServeHTTP(rec, r)
 		switch {

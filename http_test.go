@@ -273,7 +273,7 @@ func TestInternalErrorsStayInternal(t *testing.T) {
 	mux.HandleFunc("GET /fail", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, errors.New("pq: secret detail"))
 	})
-	h := logRequests(logs.logger(), mux)
+	h := logRequests(logs.logger(), newMetrics(nil), mux)
 	for _, path := range []string{"/panic", "/fail"} {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))

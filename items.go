@@ -300,26 +300,39 @@ func (s *Items) Ready(ctx context.Context) (postgres, redis error) {
 	return postgres, s.cache.Ping(ctx)
 }
 
-// Vars are the counters of GET /debug/vars: cache_hits, cache_misses and
-// cache_bypasses (single-item reads by what the cache did), redis_errors
-// (commands that failed or were refused), postgres_errors (queries that
-// failed, "not found" aside), postgres_retries (statements run again after
-// a stale plan or a dead connection: see Store.withConn), postgres_connects
-// (connections made: a figure that keeps growing means connections are
-// being lost), postgres_item_reads (queries for single-item
-// reads after a miss or a bypass: fewer than those when concurrent ones
-// share a query) and waiting_for_item_reads (requests waiting on such a
-// query now). They are kept per Items rather than published globally, so
-// that several servers in one process (the tests) do not share them.
+// counter is one of the service's counters, as GET /debug/vars (under
+// its name) and GET /metrics (as items_<name>, with _total unless it is a
+// gauge) show it. They are kept per Items rather than published globally,
+// so that several servers in one process (the tests) do not share them.
+type counter struct {
+	name, help string
+	gauge      bool // a level that goes up and down, not a count
+	value      *atomic.Int64
+}
+
+// counters lists the service's counters, in the order /metrics shows them.
+func (s *Items) counters() []counter {
+	return []counter{
+		{name: "cache_hits", help: "Single-item reads served from Redis.", value: s.outcomes[Hit]},
+		{name: "cache_misses", help: "Single-item reads that found nothing in Redis, read PostgreSQL and filled Redis.", value: s.outcomes[Miss]},
+		{name: "cache_bypasses", help: "Single-item reads that skipped Redis (down, held or quarantined) and read PostgreSQL.", value: s.outcomes[Bypass]},
+		{name: "redis_errors", help: "Redis commands that failed or were refused.", value: &s.cache.outages.errors},
+		{name: "postgres_errors", help: "PostgreSQL queries that failed, not counting not found.", value: &s.store.errors},
+		{name: "postgres_retries", help: "PostgreSQL statements run again after a stale plan or a dead connection.", value: &s.store.retries},
+		// A figure that keeps growing means connections are being lost.
+		{name: "postgres_connects", help: "PostgreSQL connections made, by both pools.", value: &s.store.connects},
+		// Fewer than misses and bypasses when concurrent reads share a query.
+		{name: "postgres_item_reads", help: "PostgreSQL queries made for single-item reads after a miss or a bypass.", value: &s.reads},
+		{name: "waiting_for_item_reads", help: "Requests now waiting for a single-item PostgreSQL query.", gauge: true, value: &s.waiting},
+		{name: "outbox_applied", help: "Outbox rows this replica's relay applied to Redis.", value: &s.relay.applied},
+	}
+}
+
+// Vars are the counters for GET /debug/vars, by name.
 func (s *Items) Vars() *expvar.Map {
 	m := new(expvar.Map)
-	for name, n := range map[string]*atomic.Int64{
-		"cache_hits": s.outcomes[Hit], "cache_misses": s.outcomes[Miss], "cache_bypasses": s.outcomes[Bypass],
-		"redis_errors": &s.cache.outages.errors, "postgres_errors": &s.store.errors,
-		"postgres_retries": &s.store.retries, "postgres_connects": &s.store.connects,
-		"postgres_item_reads": &s.reads, "waiting_for_item_reads": &s.waiting, "outbox_applied": &s.relay.applied,
-	} {
-		m.Set(name, expvar.Func(func() any { return n.Load() }))
+	for _, c := range s.counters() {
+		m.Set(c.name, expvar.Func(func() any { return c.value.Load() }))
 	}
 	return m
 }
