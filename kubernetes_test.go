@@ -1,17 +1,31 @@
 package main
 
 import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
 	"os"
+	"os/exec"
 	"path"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -291,4 +305,215 @@ func selectsAny(t *testing.T, sel *metav1.LabelSelector, templates map[string]*c
 		}
 	}
 	return false
+}
+
+// TestRolloutUnderLoad is the load of .ci/k8s-lab-check, skipped unless
+// ITEMS_K8S_LAB=1: with kubectl on PATH reaching a cluster where the dev
+// overlay runs in namespace items, and whose pod IPs this machine reaches.
+// Clients send a steady mix of reads, updates and creates to the Ready
+// endpoints of the Service items, as the EndpointSlices list them, re-read
+// on every change through a watch (as kube-proxy does), while the
+// Deployment rolls out ITEMS_K8S_NEW_IMAGE and then while one of its pods
+// is deleted. Every request must succeed.
+func TestRolloutUnderLoad(t *testing.T) {
+	if os.Getenv("ITEMS_K8S_LAB") != "1" {
+		t.Skip("the check of a real cluster: .ci/k8s-lab-check runs it")
+	}
+	kubectl := func(args ...string) string {
+		t.Helper()
+		out, err := exec.CommandContext(t.Context(), "kubectl", append([]string{"-n", "items"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	// kubectl proxy: the API server over plain HTTP, with kubectl's
+	// credentials.
+	proxy := exec.CommandContext(t.Context(), "kubectl", "proxy", "--port=0")
+	stdout, _ := proxy.StdoutPipe()
+	if err := proxy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proxy.Process.Kill(); proxy.Wait() })
+	line, _ := bufio.NewReader(stdout).ReadString('\n') // "Starting to serve on 127.0.0.1:PORT"
+	api := "http://" + strings.TrimSpace(line[strings.LastIndex(line, " ")+1:])
+
+	var eps endpoints
+	go eps.watch(t, api+"/apis/discovery.k8s.io/v1/namespaces/items/endpointslices?labelSelector="+url.QueryEscape("kubernetes.io/service-name=items"))
+	waitFor(t, "3 Ready endpoints", func() bool { return len(eps.get()) == 3 })
+
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
+	send := func(method, path, body string) (string, int, error) {
+		ready := eps.get()
+		if len(ready) == 0 {
+			return "", 0, errors.New("no Ready endpoint")
+		}
+		addr := ready[rand.IntN(len(ready))]
+		req, _ := http.NewRequest(method, "http://"+addr+path, strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		res, err := client.Do(req)
+		if err != nil {
+			return addr, 0, err
+		}
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		return addr, res.StatusCode, nil
+	}
+	var ids []int64
+	for i := range 16 {
+		ids = append(ids, createItem(t, "http://"+eps.get()[0], fmt.Sprintf(`{"name":"seed %d"}`, i)).ID)
+	}
+
+	// The load: 8 clients, each as fast as it is answered; every tenth
+	// request a POST, two a PUT, the rest GETs.
+	var mu sync.Mutex
+	var sent, failed int
+	byAddr := map[string]int{}
+	var failures []string
+	stop := make(chan struct{})
+	wait := loadClients(8, stop, func(w, n int) bool {
+		id := ids[(w*7+n)%len(ids)]
+		method, path, body, want := "GET", fmt.Sprintf("/items/%d", id), "", 200
+		switch n % 10 {
+		case 0:
+			method, path, body, want = "POST", "/items", fmt.Sprintf(`{"name":"load %d-%d"}`, w, n), 201
+		case 1, 2:
+			method, body = "PUT", fmt.Sprintf(`{"name":"put %d-%d"}`, w, n)
+		}
+		addr, status, err := send(method, path, body)
+		mu.Lock()
+		defer mu.Unlock()
+		sent++
+		byAddr[addr]++
+		if err != nil || status != want {
+			failed++
+			failures = append(failures, fmt.Sprintf("%s %s at %s: %d %v", method, path, addr, status, err))
+		}
+		return true
+	})
+	phase := func(name string, run func()) {
+		t.Helper()
+		mu.Lock()
+		sent0, failed0, changes0 := sent, failed, eps.changes.Load()
+		mu.Unlock()
+		start := time.Now()
+		run()
+		elapsed := time.Since(start)
+		mu.Lock()
+		n, f := sent-sent0, failed-failed0
+		mu.Unlock()
+		t.Logf("%s: %.1f s, %d requests (%.0f/s), %d failed; the endpoints changed %d times", name, elapsed.Seconds(), n, float64(n)/elapsed.Seconds(), f, eps.changes.Load()-changes0)
+	}
+	phase("steady load", func() { time.Sleep(3 * time.Second) })
+	phase("rolling update to "+os.Getenv("ITEMS_K8S_NEW_IMAGE"), func() {
+		kubectl("set", "image", "deployment/items", "api="+os.Getenv("ITEMS_K8S_NEW_IMAGE"), "migrate="+os.Getenv("ITEMS_K8S_NEW_IMAGE"))
+		kubectl("rollout", "status", "deployment/items", "--timeout=300s")
+		waitFor(t, "the old pods to leave the endpoints", func() bool { return len(eps.get()) == 3 })
+	})
+	phase("steady load", func() { time.Sleep(3 * time.Second) })
+	pod := kubectl("get", "pods", "-l", "app.kubernetes.io/component=api", "-o", "jsonpath={.items[0].metadata.name}")
+	phase("pod "+pod+" deleted and replaced", func() {
+		kubectl("delete", "pod", pod, "--wait=true", "--timeout=60s")
+		kubectl("wait", "--for=jsonpath={.status.readyReplicas}=3", "deployment/items", "--timeout=120s")
+		waitFor(t, "3 Ready endpoints", func() bool { return len(eps.get()) == 3 })
+	})
+	phase("steady load", func() { time.Sleep(3 * time.Second) })
+	close(stop)
+	wait()
+	t.Logf("in all: %d requests, %d failed, to %d pods: %v", sent, failed, len(byAddr), byAddr)
+	for _, f := range failures[:min(len(failures), 10)] {
+		t.Errorf("failed: %s", f)
+	}
+}
+
+// endpoints are the Ready addresses (ip:port) of a Service's
+// EndpointSlices, kept by a watch.
+type endpoints struct {
+	ready   atomic.Pointer[[]string]
+	changes atomic.Int64 // times the list changed
+}
+
+func (e *endpoints) get() []string {
+	if p := e.ready.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// watch lists the EndpointSlices at url, then watches them from the list's
+// resourceVersion, listing again when the watch ends, until the test ends.
+func (e *endpoints) watch(t *testing.T, url string) {
+	bySlice := map[string][]string{}
+	publish := func() {
+		var all []string
+		for _, addrs := range bySlice {
+			all = append(all, addrs...)
+		}
+		slices.Sort(all)
+		if old := e.get(); !slices.Equal(old, all) {
+			e.ready.Store(&all)
+			e.changes.Add(1)
+		}
+	}
+	ready := func(s discoveryv1.EndpointSlice) []string {
+		var addrs []string
+		for _, p := range s.Ports {
+			for _, ep := range s.Endpoints {
+				if ep.Conditions.Ready == nil || *ep.Conditions.Ready {
+					for _, a := range ep.Addresses {
+						addrs = append(addrs, net.JoinHostPort(a, fmt.Sprint(*p.Port)))
+					}
+				}
+			}
+		}
+		return addrs
+	}
+	for t.Context().Err() == nil {
+		var list discoveryv1.EndpointSliceList
+		if err := getJSON(t.Context(), url, &list); err != nil {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		clear(bySlice)
+		for _, s := range list.Items {
+			bySlice[s.Name] = ready(s)
+		}
+		publish()
+		req, _ := http.NewRequestWithContext(t.Context(), "GET", url+"&watch=1&resourceVersion="+list.ResourceVersion, nil)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			continue
+		}
+		dec := json.NewDecoder(res.Body)
+		for {
+			var ev struct {
+				Type   string
+				Object discoveryv1.EndpointSlice
+			}
+			if dec.Decode(&ev) != nil {
+				break
+			}
+			switch ev.Type {
+			case "ADDED", "MODIFIED":
+				bySlice[ev.Object.Name] = ready(ev.Object)
+			case "DELETED":
+				delete(bySlice, ev.Object.Name)
+			}
+			publish()
+		}
+		res.Body.Close()
+	}
+}
+
+func getJSON(ctx context.Context, url string, v any) error {
+	req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer res.Body.Close()
+	if res.StatusCode != 200 {
+		return fmt.Errorf("GET %s: %s", url, res.Status)
+	}
+	return json.NewDecoder(res.Body).Decode(v)
 }
