@@ -21,10 +21,11 @@ import (
 // (https://prometheus.io/docs/instrumenting/exposition_formats/): the
 // requests by route and status, with a latency histogram; the counters of
 // Items; both PostgreSQL pools' and the Redis pool's statistics; and a few
-// of the Go runtime's. A hand-written exposition of what the service
-// already counts is about 200 lines; prometheus/client_golang would bring
-// ten modules for the same output (docs/kubernetes.md). metrics_test.go
-// parses it with Prometheus's own parser.
+// of the Go runtime's. Written by hand from what the service already
+// counts, it is this file; prometheus/client_golang v1.25 would add seven
+// modules to the binary (protobuf and procfs among them) and a second set
+// of counters to keep in step. metrics_test.go parses the output with
+// Prometheus's own parser (prometheus/common/expfmt).
 type Metrics struct {
 	items    *Items
 	requests sync.Map // requestKey -> *requestSeries
