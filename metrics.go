@@ -206,7 +206,7 @@ func (e *exposition) sample(name, labels string, v float64) {
 	if labels != "" {
 		e.WriteString("{" + labels + "}")
 	}
-	e.WriteString(" " + strconv.FormatFloat(v, 'g', -1, 64) + "\n")
+	e.WriteString(" " + strconv.FormatFloat(v, 'f', -1, 64) + "\n")
 }
 
 // quote is a label value as the format writes it: in double quotes, with
