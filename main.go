@@ -2,7 +2,8 @@
 // in Redis by cache-aside. See README.md for the API and the walkthrough.
 //
 // The files, each using only those after it: main.go (the process),
-// http.go (routes, handlers, JSON, errors, the request log), items.go
+// http.go (routes, handlers, JSON, errors, the request log), metrics.go
+// (GET /metrics), items.go
 // (cache-aside reads, invalidation after writes, validation), cache.go and
 // cache_outages.go (Redis), db.go (PostgreSQL), migrate.go (the schema's
 // migrations: schema.sql, then migrations/), config.go (the environment).
