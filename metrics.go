@@ -47,8 +47,8 @@ type requestSeries struct {
 }
 
 // latencyBuckets are the histogram's upper bounds: from a cache hit
-// (about 0.2 ms here, docs/performance.md) to a request that waited out
-// DB_QUERY_TIMEOUT (5 s by default).
+// (tens of µs of the service's own time, docs/performance.md) to a request
+// that waited out DB_QUERY_TIMEOUT (3 s by default) or a slow client.
 var latencyBuckets = [...]time.Duration{
 	500 * time.Microsecond, time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond,
 	10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond,
