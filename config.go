@@ -55,7 +55,12 @@ type Config struct {
 	CacheTTL       time.Duration // CACHE_TTL: lifetime of a cached item.
 	CacheKeyPrefix string        // CACHE_KEY_PREFIX: cached items live at prefix+id.
 
-	ShutdownTimeout time.Duration // SHUTDOWN_TIMEOUT: how long in-flight requests may run after SIGTERM.
+	// SHUTDOWN_DELAY: how long the service goes on serving after SIGTERM,
+	// while load balancers and kube-proxy stop sending it requests, before
+	// it stops accepting; meanwhile every answer closes its connection and
+	// /ready is 503. 0 (the default) stops at once.
+	ShutdownDelay   time.Duration
+	ShutdownTimeout time.Duration // SHUTDOWN_TIMEOUT: how long in-flight requests may run after SIGTERM (and SHUTDOWN_DELAY).
 	LogLevel        slog.Level    // LOG_LEVEL: debug, info, warn or error.
 	LogFormat       string        // LOG_FORMAT: text or json.
 }
@@ -75,13 +80,13 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		DBSchema:          p.str("DB_SCHEMA", ""),
 		DBSSLMode:         p.oneOf("DB_SSLMODE", "prefer", "disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
 		DBMaxConns:        p.intRange("DB_MAX_CONNS", 16, 1, 1000),
-		DBConnectTimeout:  p.duration("DB_CONNECT_TIMEOUT", 30*time.Second),
-		DBQueryTimeout:    p.duration("DB_QUERY_TIMEOUT", 3*time.Second),
+		DBConnectTimeout:  p.duration("DB_CONNECT_TIMEOUT", 30*time.Second, false),
+		DBQueryTimeout:    p.duration("DB_QUERY_TIMEOUT", 3*time.Second, false),
 		DBQueryExecMode:   p.oneOf("DB_QUERY_EXEC_MODE", "cache_statement", "cache_statement", "cache_describe", "describe_exec", "exec", "simple_protocol"),
 		MigrateOnStart:    p.boolean("MIGRATE_ON_START", true),
-		OutboxInterval:    p.duration("OUTBOX_POLL_INTERVAL", 250*time.Millisecond),
+		OutboxInterval:    p.duration("OUTBOX_POLL_INTERVAL", 250*time.Millisecond, false),
 		RequireIfMatch:    p.boolean("REQUIRE_IF_MATCH", false),
-		IdempotencyKeyTTL: p.duration("IDEMPOTENCY_KEY_TTL", 24*time.Hour),
+		IdempotencyKeyTTL: p.duration("IDEMPOTENCY_KEY_TTL", 24*time.Hour, false),
 
 		RedisHost:             p.str("REDIS_HOST", "localhost"),
 		RedisPort:             p.port("REDIS_PORT", 6379, false),
@@ -92,13 +97,14 @@ func loadConfig(getenv func(string) string) (Config, error) {
 		RedisSentinelUsername: p.str("REDIS_SENTINEL_USERNAME", ""),
 		RedisSentinelPassword: p.secret("REDIS_SENTINEL_PASSWORD", ""),
 		RedisDB:               p.intRange("REDIS_DB", 0, 0, 15),
-		RedisTimeout:          p.duration("REDIS_TIMEOUT", 200*time.Millisecond),
-		RedisRetry:            p.duration("REDIS_RETRY_INTERVAL", time.Second),
+		RedisTimeout:          p.duration("REDIS_TIMEOUT", 200*time.Millisecond, false),
+		RedisRetry:            p.duration("REDIS_RETRY_INTERVAL", time.Second, false),
 
-		CacheTTL:       p.duration("CACHE_TTL", 60*time.Second),
+		CacheTTL:       p.duration("CACHE_TTL", 60*time.Second, false),
 		CacheKeyPrefix: p.str("CACHE_KEY_PREFIX", "item:"),
 
-		ShutdownTimeout: p.duration("SHUTDOWN_TIMEOUT", 5*time.Second),
+		ShutdownDelay:   p.duration("SHUTDOWN_DELAY", 0, true),
+		ShutdownTimeout: p.duration("SHUTDOWN_TIMEOUT", 5*time.Second, false),
 		LogFormat:       p.oneOf("LOG_FORMAT", "text", "text", "json"),
 	}
 	if v := getenv("LOG_LEVEL"); v != "" {
@@ -172,6 +178,7 @@ func (c Config) LogValue() slog.Value {
 		slog.Duration("REDIS_RETRY_INTERVAL", c.RedisRetry),
 		slog.Duration("CACHE_TTL", c.CacheTTL),
 		slog.String("CACHE_KEY_PREFIX", c.CacheKeyPrefix),
+		slog.Duration("SHUTDOWN_DELAY", c.ShutdownDelay),
 		slog.Duration("SHUTDOWN_TIMEOUT", c.ShutdownTimeout),
 		slog.String("LOG_LEVEL", c.LogLevel.String()),
 		slog.String("LOG_FORMAT", c.LogFormat),
@@ -300,7 +307,7 @@ func (p *envParser) port(name string, def int, zeroOK bool) int {
 
 // duration accepts a Go duration ("1m30s", "250ms") or a bare whole number
 // of seconds ("60"), as the original design's CACHE_TTL was. It must be positive.
-func (p *envParser) duration(name string, def time.Duration) time.Duration {
+func (p *envParser) duration(name string, def time.Duration, zeroOK bool) time.Duration {
 	v := strings.TrimSpace(p.getenv(name))
 	if v == "" {
 		return def
@@ -312,8 +319,12 @@ func (p *envParser) duration(name string, def time.Duration) time.Duration {
 			err = errors.New("too large")
 		}
 	}
-	if err != nil || d <= 0 {
-		p.fail(name, v, `must be a positive duration such as "60s", "500ms" or a number of seconds`)
+	if err != nil || d < 0 || d == 0 && !zeroOK {
+		rule := `must be a positive duration such as "60s", "500ms" or a number of seconds`
+		if zeroOK {
+			rule = `must be 0 or a duration such as "10s", "500ms" or a number of seconds`
+		}
+		p.fail(name, v, rule)
 		return def
 	}
 	return d

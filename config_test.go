@@ -39,13 +39,14 @@ func TestLoadConfigValues(t *testing.T) {
 	cfg, err := loadConfig(envMap(map[string]string{
 		"PORT": "8080", "DB_HOST": "db", "DB_PORT": "6432", "CACHE_TTL": "300", "DB_QUERY_TIMEOUT": "750ms",
 		"REDIS_TIMEOUT": "1s", "LOG_LEVEL": "debug", "LOG_FORMAT": "JSON", "DB_SCHEMA": "items_dev",
+		"SHUTDOWN_DELAY": "0",
 	}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if cfg.Port != 8080 || cfg.DBHost != "db" || cfg.DBPort != 6432 || cfg.CacheTTL != 300*time.Second ||
 		cfg.DBQueryTimeout != 750*time.Millisecond || cfg.RedisTimeout != time.Second ||
-		cfg.LogLevel != slog.LevelDebug || cfg.LogFormat != "json" || cfg.DBSchema != "items_dev" {
+		cfg.LogLevel != slog.LevelDebug || cfg.LogFormat != "json" || cfg.DBSchema != "items_dev" || cfg.ShutdownDelay != 0 {
 		t.Errorf("got %+v", cfg)
 	}
 }
@@ -56,7 +57,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"DB_PORT", "0"}, {"DB_PORT", "5432x"},
 		{"REDIS_PORT", "redis"},
 		{"CACHE_TTL", "soon"}, {"CACHE_TTL", "0"}, {"CACHE_TTL", "-5s"}, {"CACHE_TTL", "10ns"}, {"CACHE_TTL", "99999999999999999"},
-		{"DB_CONNECT_TIMEOUT", "forever"}, {"DB_QUERY_TIMEOUT", "0s"}, {"REDIS_TIMEOUT", "1x"},
+		{"DB_CONNECT_TIMEOUT", "forever"}, {"DB_QUERY_TIMEOUT", "0s"}, {"REDIS_TIMEOUT", "1x"}, {"SHUTDOWN_DELAY", "-1s"},
 		{"DB_MAX_CONNS", "0"}, {"REDIS_DB", "16"}, {"DB_SSLMODE", "maybe"},
 		{"DB_SCHEMA", "Robert'); DROP"}, {"DB_SCHEMA", "1abc"},
 		{"LOG_LEVEL", "loud"}, {"LOG_FORMAT", "xml"},

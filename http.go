@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 )
@@ -60,8 +61,8 @@ func handleHealth() http.Handler {
 
 type readiness struct {
 	Status   string `json:"status"`          // "ok" or "unavailable"
-	Postgres string `json:"postgres"`        // "up", "read-only" or "down"
-	Redis    string `json:"redis"`           // "up" or "down"
+	Postgres string `json:"postgres"`        // "up", "read-only" or "down"; "unknown" while leaving
+	Redis    string `json:"redis"`           // "up" or "down"; "unknown" while leaving
 	Error    string `json:"error,omitempty"` // why not ready, as in every error body
 	// RedisError says why Redis is down (the service is still ready): a
 	// connection refused, or the permissions its user lacks.
@@ -72,7 +73,8 @@ type readiness struct {
 // writes, whatever Redis does (the service works without it, and "redis"
 // says how it is); 503 when PostgreSQL does not answer, or is read-only (a
 // standby, or a primary during a failover), so that a load balancer sends
-// writes to replicas that can make them.
+// writes to replicas that can make them; 503 while the replica is leaving
+// (SHUTDOWN_DELAY).
 func handleReady(items *Items) http.Handler {
 	upDown := func(err error) string {
 		if err != nil {
@@ -81,6 +83,12 @@ func handleReady(items *Items) http.Handler {
 		return "up"
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if leavingReplica(r) {
+			w.Header().Set("Retry-After", "1")
+			encode(w, r, http.StatusServiceUnavailable, readiness{Status: "unavailable", Postgres: "unknown", Redis: "unknown",
+				Error: "this replica is shutting down (SHUTDOWN_DELAY); send requests to another"})
+			return
+		}
 		pgErr, redisErr := items.Ready(r.Context())
 		if pgErr != nil && r.Context().Err() != nil {
 			writeError(w, r, pgErr) // the client is gone
@@ -906,6 +914,9 @@ func logRequests(log *slog.Logger, m *Metrics, next http.Handler) http.Handler {
 			log.LogAttrs(r.Context(), level, "request", attrs...)
 			m.observe(r.Pattern, rec.status, elapsed)
 		}()
+		if leavingReplica(r) {
+			w.Header().Set("Connection", "close")
+		}
 		next.ServeHTTP(rec, r)
 		switch {
 		case r.Context().Err() != nil && rec.err == nil && rec.status < 400:
@@ -1014,7 +1025,8 @@ type drainingKey struct{}
 type drainer struct {
 	ctx     context.Context // done once shutdown begins
 	cancel  context.CancelFunc
-	readers sync.Map // *http.ResponseController -> struct{}: bodies being read
+	readers sync.Map    // *http.ResponseController -> struct{}: bodies being read
+	leaving atomic.Bool // SIGTERM came: SHUTDOWN_DELAY before the shutdown
 }
 
 func newDrainer() *drainer {
@@ -1025,6 +1037,23 @@ func newDrainer() *drainer {
 
 // draining reports whether shutdown has begun.
 func (d *drainer) draining() bool { return d.ctx.Err() != nil }
+
+// leave marks the replica as leaving, for SHUTDOWN_DELAY before shutdown
+// begins: it still serves every request, but each answer carries
+// "Connection: close", so that a client holding a kept-alive connection
+// (one kube-proxy or a load balancer sent here before it dropped this
+// replica) makes a new one, to a replica that stays, and /ready is 503.
+// Shutdown then finds few idle connections left to close, each a race
+// with a client sending on it, whose request a client may resend only
+// when that is safe (Go's resends a GET or HEAD, or a request with an
+// Idempotency-Key).
+func (d *drainer) leave() { d.leaving.Store(true) }
+
+// leavingReplica reports whether r's server is leaving.
+func leavingReplica(r *http.Request) bool {
+	d, ok := r.Context().Value(drainingKey{}).(*drainer)
+	return ok && d.leaving.Load()
+}
 
 // start begins draining: every body being read gets drainGrace more.
 func (d *drainer) start() {

@@ -35,8 +35,9 @@ func main() {
 	}
 }
 
-// run is the whole program: `items` serves until ctx ends, then shuts down
-// gracefully and returns nil; `items migrate` applies the pending schema
+// run is the whole program: `items` serves until ctx ends, then, after
+// SHUTDOWN_DELAY of serving on as a leaving replica, shuts down gracefully
+// and returns nil; `items migrate` applies the pending schema
 // migrations and exits (a deployment's one-off job before it starts new
 // replicas); `items healthcheck` asks /health on this machine and returns
 // an error unless it answers 200 (the container image has no shell or
@@ -142,6 +143,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	case err := <-serveErr:
 		return err
 	case <-ctx.Done():
+	}
+	if cfg.ShutdownDelay > 0 {
+		log.Info("leaving: serving on for SHUTDOWN_DELAY while load balancers drop this replica; every answer closes its connection", "delay", cfg.ShutdownDelay)
+		draining.leave()
+		select {
+		case err := <-serveErr:
+			return err
+		case <-time.After(cfg.ShutdownDelay):
+		}
 	}
 	log.Info("shutting down; finishing in-flight requests", "timeout", cfg.ShutdownTimeout)
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)

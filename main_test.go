@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -112,6 +113,61 @@ func TestGracefulShutdown(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("run did not return within 10 s of the last request")
+	}
+}
+
+// TestShutdownDelay: after SIGTERM, for SHUTDOWN_DELAY, the service goes on
+// answering, on the connections it has (a client's next request on one gets
+// "Connection: close") and on new ones, with /ready 503; then it stops
+// listening and returns.
+func TestShutdownDelay(t *testing.T) {
+	cfg := testConfig(t)
+	log := newLogBuffer(t).logger()
+	newTestStore(t, cfg, log)
+	newTestCache(t, cfg, log)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	const delay = 1500 * time.Millisecond
+	base, done := startRun(t, ctx, envFrom(cfg, "SHUTDOWN_DELAY", delay.String()))
+	it := createItem(t, base, `{"name":"leaving"}`)
+	path := fmt.Sprintf("%s/items/%d", base, it.ID)
+
+	// One kept-alive connection, reused by the request after SIGTERM.
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+	get := func(url string) (*http.Response, bool) {
+		t.Helper()
+		reused := false
+		trace := &httptrace.ClientTrace{GotConn: func(c httptrace.GotConnInfo) { reused = c.Reused }}
+		req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(t.Context(), trace), "GET", url, nil)
+		res, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("GET %s: %v", url, err)
+		}
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+		return res, reused
+	}
+	if res, _ := get(path); res.StatusCode != 200 || res.Close {
+		t.Fatalf("before SIGTERM: %d, close %v; want 200 on a kept-alive connection", res.StatusCode, res.Close)
+	}
+	start := time.Now()
+	cancel()
+	waitFor(t, "/ready to answer 503", func() bool { return do(t, "GET", base+"/ready", "").status == http.StatusServiceUnavailable })
+	// res.Close: the answer said "Connection: close" (Go's client takes
+	// the header out).
+	if res, reused := get(path); res.StatusCode != 200 || !reused || !res.Close {
+		t.Errorf("while leaving, on the kept-alive connection: %d, reused %v, close %v; want 200, reused, close", res.StatusCode, reused, res.Close)
+	}
+	if res := do(t, "GET", path, ""); res.status != 200 || time.Since(start) >= delay {
+		t.Errorf("while leaving, a new connection: %d after %v; want 200 within %v", res.status, time.Since(start), delay)
+	}
+	select {
+	case err := <-done:
+		if err != nil || time.Since(start) < delay {
+			t.Errorf("run returned %v after %v; want nil after SHUTDOWN_DELAY=%v", err, time.Since(start), delay)
+		}
+	case <-time.After(delay + 10*time.Second):
+		t.Fatal("run did not return after SHUTDOWN_DELAY")
 	}
 }
 
