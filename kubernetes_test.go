@@ -39,6 +39,7 @@ import (
 
 // overlays are deploy/overlays/*, each with the Secrets it expects the
 // platform to have made (the Deployment names them, the overlay does not).
+// Only dev holds the namespace; prod expects it made (deploy/namespace).
 var overlays = map[string][]string{"dev": nil, "prod": {"items-secrets"}}
 
 // manifestTypes are the kinds deploy/ may hold, by apiVersion/kind: any
@@ -60,11 +61,11 @@ var manifestTypes = map[string]func() any{
 // type, by kind and name.
 type rendered map[string]map[string]any
 
-func renderOverlay(t *testing.T, name string) rendered {
+func render(t *testing.T, dir string) rendered {
 	t.Helper()
-	resources, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), filepath.Join("deploy", "overlays", name))
+	resources, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
 	if err != nil {
-		t.Fatalf("kustomize deploy/overlays/%s: %v", name, err)
+		t.Fatalf("kustomize %s: %v", dir, err)
 	}
 	objects := rendered{}
 	for _, r := range resources.Resources() {
@@ -113,12 +114,15 @@ func TestManifests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ns := get[*corev1.Namespace](t, render(t, "deploy/namespace"), "Namespace", "items")
+	if level := ns.Labels[psa.EnforceLevelLabel]; level != string(psa.LevelRestricted) {
+		t.Errorf("namespace items enforces %q, want restricted", level)
+	}
 	for overlay, external := range overlays {
 		t.Run(overlay, func(t *testing.T) {
-			objects := renderOverlay(t, overlay)
-			ns := get[*corev1.Namespace](t, objects, "Namespace", "items")
-			if level := ns.Labels[psa.EnforceLevelLabel]; level != string(psa.LevelRestricted) {
-				t.Errorf("namespace items enforces %q, want restricted", level)
+			objects := render(t, filepath.Join("deploy", "overlays", overlay))
+			if _, ok := objects["Namespace"]["items"]; ok != (overlay == "dev") {
+				t.Errorf("the overlay holds the namespace: %v; want it in dev alone (kubectl delete -k of prod must leave it, and the platform's Secret)", ok)
 			}
 			templates := map[string]*corev1.PodTemplateSpec{}
 			for kind, byName := range objects {
@@ -219,8 +223,10 @@ func checkAPI(t *testing.T, objects rendered, external []string) {
 	t.Helper()
 	d := get[*appsv1.Deployment](t, objects, "Deployment", "items")
 	spec := d.Spec.Template.Spec
-	if *d.Spec.Replicas != 3 || d.Spec.Strategy.RollingUpdate.MaxUnavailable.IntValue() != 0 {
-		t.Errorf("Deployment items: %d replicas, maxUnavailable %v; want 3 and 0", *d.Spec.Replicas, d.Spec.Strategy.RollingUpdate.MaxUnavailable)
+	// The autoscaler holds the number of pods: a Deployment that named
+	// one would be set back to it by every apply.
+	if d.Spec.Replicas != nil || d.Spec.Strategy.RollingUpdate.MaxUnavailable.IntValue() != 0 {
+		t.Errorf("Deployment items: replicas %v, maxUnavailable %v; want none (the autoscaler's) and 0", d.Spec.Replicas, d.Spec.Strategy.RollingUpdate.MaxUnavailable)
 	}
 	if len(spec.InitContainers) != 1 || !slices.Equal(spec.InitContainers[0].Args, []string{"migrate"}) || len(spec.Containers) != 1 {
 		t.Fatalf("Deployment items: want one init container running migrate and one container, the API")
@@ -265,14 +271,13 @@ func checkAPI(t *testing.T, objects rendered, external []string) {
 		d.Spec.Template.Annotations["prometheus.io/port"] != fmt.Sprint(cfg.Port) {
 		t.Errorf("ports %v and scrape annotations %v; want http on PORT=%d", api.Ports, d.Spec.Template.Annotations, cfg.Port)
 	}
-	// The kubelet's grace period covers the preStop wait, then the
-	// service's own shutdown: else SIGKILL cuts requests off.
-	if api.Lifecycle == nil || api.Lifecycle.PreStop == nil || api.Lifecycle.PreStop.Sleep == nil {
-		t.Fatal("the API has no preStop sleep")
-	}
-	wait := int64(api.Lifecycle.PreStop.Sleep.Seconds) + int64(cfg.ShutdownTimeout.Seconds())
-	if *spec.TerminationGracePeriodSeconds <= wait {
-		t.Errorf("terminationGracePeriodSeconds %d is not above preStop + SHUTDOWN_TIMEOUT = %d s", *spec.TerminationGracePeriodSeconds, wait)
+	// The service serves on after SIGTERM while the endpoints drop the
+	// pod (no preStop does), and the kubelet's grace period covers that
+	// and the shutdown: else SIGKILL cuts requests off.
+	wait := int64((cfg.ShutdownDelay + cfg.ShutdownTimeout) / time.Second)
+	if cfg.ShutdownDelay < 5*time.Second || api.Lifecycle != nil || *spec.TerminationGracePeriodSeconds <= wait {
+		t.Errorf("SHUTDOWN_DELAY %v, lifecycle %v, terminationGracePeriodSeconds %d; want a delay of 5 s or more, no preStop, a grace period above SHUTDOWN_DELAY + SHUTDOWN_TIMEOUT = %d s",
+			cfg.ShutdownDelay, api.Lifecycle, *spec.TerminationGracePeriodSeconds, wait)
 	}
 	if sc := spec.SecurityContext; *sc.RunAsUser != 65532 || *sc.RunAsGroup != 65532 || !*api.SecurityContext.ReadOnlyRootFilesystem {
 		t.Errorf("the API runs as %d:%d, read-only root %v; want 65532:65532 (the image's USER), read-only", *sc.RunAsUser, *sc.RunAsGroup, *api.SecurityContext.ReadOnlyRootFilesystem)
@@ -283,12 +288,14 @@ func checkAPI(t *testing.T, objects rendered, external []string) {
 	if !selectsAny(t, &metav1.LabelSelector{MatchLabels: svc.Spec.Selector}, pods) || svc.Spec.Ports[0].TargetPort.String() != "http" {
 		t.Errorf("Service items selects %v on port %v, not the API's pods on http", svc.Spec.Selector, svc.Spec.Ports[0].TargetPort)
 	}
-	if pdb := get[*policyv1.PodDisruptionBudget](t, objects, "PodDisruptionBudget", "items"); !selectsAny(t, pdb.Spec.Selector, pods) {
-		t.Errorf("PodDisruptionBudget items selects %v, not the API's pods", pdb.Spec.Selector)
+	// With PostgreSQL down no pod is Ready; a drain must still go on.
+	pdb := get[*policyv1.PodDisruptionBudget](t, objects, "PodDisruptionBudget", "items")
+	if !selectsAny(t, pdb.Spec.Selector, pods) || pdb.Spec.UnhealthyPodEvictionPolicy == nil || *pdb.Spec.UnhealthyPodEvictionPolicy != policyv1.AlwaysAllow {
+		t.Errorf("PodDisruptionBudget items selects %v, unhealthy pods %v; want the API's pods, AlwaysAllow", pdb.Spec.Selector, pdb.Spec.UnhealthyPodEvictionPolicy)
 	}
 	hpa := get[*autoscalingv2.HorizontalPodAutoscaler](t, objects, "HorizontalPodAutoscaler", "items")
-	if ref := hpa.Spec.ScaleTargetRef; ref.Kind != "Deployment" || ref.Name != d.Name || *hpa.Spec.MinReplicas != *d.Spec.Replicas {
-		t.Errorf("HorizontalPodAutoscaler scales %s %s from %d; want the Deployment, from its %d", ref.Kind, ref.Name, *hpa.Spec.MinReplicas, *d.Spec.Replicas)
+	if ref := hpa.Spec.ScaleTargetRef; ref.Kind != "Deployment" || ref.Name != d.Name || *hpa.Spec.MinReplicas != 3 {
+		t.Errorf("HorizontalPodAutoscaler scales %s %s from %d; want the Deployment, from 3", ref.Kind, ref.Name, *hpa.Spec.MinReplicas)
 	}
 }
 
@@ -310,11 +317,12 @@ func selectsAny(t *testing.T, sel *metav1.LabelSelector, templates map[string]*c
 // TestRolloutUnderLoad is the load of .ci/k8s-lab-check, skipped unless
 // ITEMS_K8S_LAB=1: with kubectl on PATH reaching a cluster where the dev
 // overlay runs in namespace items, and whose pod IPs this machine reaches.
-// Clients send a steady mix of reads, updates and creates to the Ready
-// endpoints of the Service items, as the EndpointSlices list them, re-read
-// on every change through a watch (as kube-proxy does), while the
-// Deployment rolls out ITEMS_K8S_NEW_IMAGE and then while one of its pods
-// is deleted. Every request must succeed.
+// Clients send a steady mix of reads, updates and creates over kept-alive
+// connections, each made to one of the Ready endpoints of the Service
+// items as the EndpointSlices list them, re-read on every change through a
+// watch: as kube-proxy balances connections, not requests. Meanwhile the
+// Deployment rolls out ITEMS_K8S_NEW_IMAGE, and then one of its pods is
+// deleted. Every request must succeed.
 func TestRolloutUnderLoad(t *testing.T) {
 	if os.Getenv("ITEMS_K8S_LAB") != "1" {
 		t.Skip("the check of a real cluster: .ci/k8s-lab-check runs it")
@@ -342,33 +350,65 @@ func TestRolloutUnderLoad(t *testing.T) {
 	go eps.watch(t, api+"/apis/discovery.k8s.io/v1/namespaces/items/endpointslices?labelSelector="+url.QueryEscape("kubernetes.io/service-name=items"))
 	waitFor(t, "3 Ready endpoints", func() bool { return len(eps.get()) == 3 })
 
-	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
-	send := func(method, path, body string) (string, int, error) {
-		ready := eps.get()
-		if len(ready) == 0 {
-			return "", 0, errors.New("no Ready endpoint")
-		}
-		addr := ready[rand.IntN(len(ready))]
-		req, _ := http.NewRequest(method, "http://"+addr+path, strings.NewReader(body))
+	var dialMu sync.Mutex
+	dials := map[string]int{} // connections made, by endpoint
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		MaxIdleConnsPerHost: 16,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			ready := eps.get()
+			if len(ready) == 0 {
+				return nil, errors.New("no Ready endpoint")
+			}
+			addr := ready[rand.IntN(len(ready))]
+			dialMu.Lock()
+			dials[addr]++
+			dialMu.Unlock()
+			return (&net.Dialer{Timeout: 2 * time.Second}).DialContext(ctx, network, addr)
+		},
+	}}
+	send := func(method, path, body string) (int, error) {
+		req, _ := http.NewRequest(method, "http://items"+path, strings.NewReader(body))
 		req.Header.Set("Content-Type", "application/json")
 		res, err := client.Do(req)
 		if err != nil {
-			return addr, 0, err
+			return 0, err
 		}
 		io.Copy(io.Discard, res.Body)
 		res.Body.Close()
-		return addr, res.StatusCode, nil
+		return res.StatusCode, nil
 	}
 	var ids []int64
 	for i := range 16 {
 		ids = append(ids, createItem(t, "http://"+eps.get()[0], fmt.Sprintf(`{"name":"seed %d"}`, i)).ID)
+	}
+	// serving lists the API's pods that are not being deleted.
+	serving := func() (names, ips []string) {
+		var pods corev1.PodList
+		if err := json.Unmarshal([]byte(kubectl("get", "pods", "-l", "app.kubernetes.io/component=api", "-o", "json")), &pods); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range pods.Items {
+			if p.DeletionTimestamp == nil {
+				names, ips = append(names, "pod/"+p.Name), append(ips, p.Status.PodIP)
+			}
+		}
+		return names, ips
+	}
+	// gone waits until none of ips is a Ready endpoint and 3 are.
+	gone := func(ips []string) {
+		waitFor(t, fmt.Sprintf("3 Ready endpoints, none of %v", ips), func() bool {
+			ready := eps.get()
+			return len(ready) == 3 && !slices.ContainsFunc(ready, func(a string) bool {
+				host, _, _ := net.SplitHostPort(a)
+				return slices.Contains(ips, host)
+			})
+		})
 	}
 
 	// The load: 8 clients, each as fast as it is answered; every tenth
 	// request a POST, two a PUT, the rest GETs.
 	var mu sync.Mutex
 	var sent, failed int
-	byAddr := map[string]int{}
 	var failures []string
 	stop := make(chan struct{})
 	wait := loadClients(8, stop, func(w, n int) bool {
@@ -380,14 +420,13 @@ func TestRolloutUnderLoad(t *testing.T) {
 		case 1, 2:
 			method, body = "PUT", fmt.Sprintf(`{"name":"put %d-%d"}`, w, n)
 		}
-		addr, status, err := send(method, path, body)
+		status, err := send(method, path, body)
 		mu.Lock()
 		defer mu.Unlock()
 		sent++
-		byAddr[addr]++
 		if err != nil || status != want {
 			failed++
-			failures = append(failures, fmt.Sprintf("%s %s at %s: %d %v", method, path, addr, status, err))
+			failures = append(failures, fmt.Sprintf("%s %s: %d %v", method, path, status, err))
 		}
 		return true
 	})
@@ -405,22 +444,26 @@ func TestRolloutUnderLoad(t *testing.T) {
 		t.Logf("%s: %.1f s, %d requests (%.0f/s), %d failed; the endpoints changed %d times", name, elapsed.Seconds(), n, float64(n)/elapsed.Seconds(), f, eps.changes.Load()-changes0)
 	}
 	phase("steady load", func() { time.Sleep(3 * time.Second) })
-	phase("rolling update to "+os.Getenv("ITEMS_K8S_NEW_IMAGE"), func() {
+	// Each phase ends once the pods that left are gone: their shutdown
+	// falls inside it.
+	old, oldIPs := serving()
+	phase(fmt.Sprintf("rolling update to %s (%d pods replaced)", os.Getenv("ITEMS_K8S_NEW_IMAGE"), len(old)), func() {
 		kubectl("set", "image", "deployment/items", "api="+os.Getenv("ITEMS_K8S_NEW_IMAGE"), "migrate="+os.Getenv("ITEMS_K8S_NEW_IMAGE"))
 		kubectl("rollout", "status", "deployment/items", "--timeout=300s")
-		waitFor(t, "the old pods to leave the endpoints", func() bool { return len(eps.get()) == 3 })
+		kubectl(append([]string{"wait", "--for=delete", "--timeout=120s"}, old...)...)
+		gone(oldIPs)
 	})
 	phase("steady load", func() { time.Sleep(3 * time.Second) })
-	pod := kubectl("get", "pods", "-l", "app.kubernetes.io/component=api", "-o", "jsonpath={.items[0].metadata.name}")
-	phase("pod "+pod+" deleted and replaced", func() {
-		kubectl("delete", "pod", pod, "--wait=true", "--timeout=60s")
+	pods, ips := serving()
+	phase(pods[0]+" deleted and replaced", func() {
+		kubectl("delete", pods[0], "--wait=true", "--timeout=120s")
 		kubectl("wait", "--for=jsonpath={.status.readyReplicas}=3", "deployment/items", "--timeout=120s")
-		waitFor(t, "3 Ready endpoints", func() bool { return len(eps.get()) == 3 })
+		gone(ips[:1])
 	})
 	phase("steady load", func() { time.Sleep(3 * time.Second) })
 	close(stop)
 	wait()
-	t.Logf("in all: %d requests, %d failed, to %d pods: %v", sent, failed, len(byAddr), byAddr)
+	t.Logf("in all: %d requests, %d failed; connections made, by pod: %v", sent, failed, dials)
 	for _, f := range failures[:min(len(failures), 10)] {
 		t.Errorf("failed: %s", f)
 	}
