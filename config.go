@@ -275,12 +275,38 @@ func (p *envParser) secret(name, def string) string {
 		p.fail(name+"_FILE", file, "cannot be set together with "+name+": set one of them")
 		return def
 	}
-	b, err := os.ReadFile(file)
+	// A regular file (a mounted secret is one, behind Kubernetes'
+	// symlinks), so that a device or a pipe named by mistake can neither
+	// fill the memory nor hold the start up; and not empty, which would be
+	// a password of none.
+	info, err := os.Stat(file)
+	if err == nil && (!info.Mode().IsRegular() || info.Size() > maxSecretBytes) {
+		err = fmt.Errorf("not a regular file of at most %d bytes", maxSecretBytes)
+	}
+	var b []byte
+	if err == nil {
+		b, err = os.ReadFile(file)
+	}
 	if err != nil {
 		p.fail(name+"_FILE", file, "must name a readable file: "+err.Error())
 		return def
 	}
-	return strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	secret := strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	if secret == "" {
+		p.fail(name+"_FILE", file, "names an empty file: put the secret in it, or leave "+name+"_FILE unset")
+		return def
+	}
+	return secret
+}
+
+// maxSecretBytes bounds a secret's file: a password or a key, not data.
+const maxSecretBytes = 64 << 10
+
+// healthcheckPort reads PORT alone, for `items healthcheck`.
+func healthcheckPort(getenv func(string) string) (int, error) {
+	p := envParser{getenv: getenv}
+	port := p.port("PORT", 5000, true)
+	return port, errors.Join(p.errs...)
 }
 
 func (p *envParser) intRange(name string, def, lo, hi int) int {

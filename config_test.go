@@ -186,6 +186,10 @@ func TestSecretFiles(t *testing.T) {
 	}{
 		{map[string]string{"DB_PASSWORD": "inline", "DB_PASSWORD_FILE": file("db2", "s3cret")}, []string{"DB_PASSWORD_FILE", "DB_PASSWORD:"}},
 		{map[string]string{"REDIS_PASSWORD_FILE": filepath.Join(dir, "missing")}, []string{"REDIS_PASSWORD_FILE", "readable"}},
+		{map[string]string{"DB_PASSWORD_FILE": file("empty", "\n")}, []string{"DB_PASSWORD_FILE", "empty file"}},
+		{map[string]string{"DB_PASSWORD_FILE": "/dev/zero"}, []string{"DB_PASSWORD_FILE", "regular file"}},
+		{map[string]string{"DB_PASSWORD_FILE": dir}, []string{"DB_PASSWORD_FILE", "regular file"}},
+		{map[string]string{"DB_PASSWORD_FILE": file("big", strings.Repeat("x", maxSecretBytes+1))}, []string{"DB_PASSWORD_FILE", "at most"}},
 	} {
 		_, err := loadConfig(envMap(c.env))
 		for _, w := range c.want {

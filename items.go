@@ -314,7 +314,7 @@ type counter struct {
 func (s *Items) counters() []counter {
 	return []counter{
 		{name: "cache_hits", help: "Single-item reads served from Redis.", value: s.outcomes[Hit]},
-		{name: "cache_misses", help: "Single-item reads that found nothing in Redis, read PostgreSQL and filled Redis.", value: s.outcomes[Miss]},
+		{name: "cache_misses", help: "Single-item reads that found nothing in Redis and read PostgreSQL (then filled Redis, if PostgreSQL answered).", value: s.outcomes[Miss]},
 		{name: "cache_bypasses", help: "Single-item reads that skipped Redis (down, held or quarantined) and read PostgreSQL.", value: s.outcomes[Bypass]},
 		{name: "redis_errors", help: "Redis commands that failed or were refused.", value: &s.cache.outages.errors},
 		{name: "postgres_errors", help: "PostgreSQL queries that failed, not counting not found.", value: &s.store.errors},

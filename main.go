@@ -43,10 +43,6 @@ func main() {
 // an error unless it answers 200 (the container image has no shell or
 // curl for a health check). Logs go to stdout.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
-	cfg, err := loadConfig(getenv)
-	if err != nil {
-		return err
-	}
 	command := ""
 	if len(args) > 1 {
 		command = args[1]
@@ -54,9 +50,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	switch command {
 	case "", "migrate":
 	case "healthcheck":
-		return healthcheck(ctx, cfg.Port)
+		// PORT alone: the rest (a secret's file, say) is the service's
+		// business, read at its start, not every health check's.
+		port, err := healthcheckPort(getenv)
+		if err != nil {
+			return err
+		}
+		return healthcheck(ctx, port)
 	default:
 		return fmt.Errorf("unknown command %q; run with no arguments to serve, or with migrate or healthcheck", command)
+	}
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
 	}
 	out := newLogWriter(stdout, logFlushInterval)
 	defer out.Close()

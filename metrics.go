@@ -32,7 +32,8 @@ type Metrics struct {
 }
 
 // requestKey is a series of the request metrics: the route pattern that
-// matched (as the request log's "route", "" for none) and the status.
+// matched (as the request log's "route"; "unmatched" for none, since
+// Prometheus reads an empty label as no label) and the status.
 type requestKey struct {
 	route string
 	code  int
@@ -61,6 +62,9 @@ func newMetrics(items *Items) *Metrics { return &Metrics{items: items} }
 // observe counts a request that the route answered with status in d. It
 // takes no lock: a series is made once, then only added to.
 func (m *Metrics) observe(route string, status int, d time.Duration) {
+	if route == "" {
+		route = "unmatched"
+	}
 	k := requestKey{route, status}
 	v, ok := m.requests.Load(k)
 	if !ok {

@@ -93,7 +93,7 @@ func TestMetrics(t *testing.T) {
 	for _, c := range []struct {
 		route, code string
 		n           float64
-	}{{"GET /items/{id}", "200", 4}, {"GET /items/{id}", "404", 1}, {"POST /items", "201", 1}, {"", "404", 1}} {
+	}{{"GET /items/{id}", "200", 4}, {"GET /items/{id}", "404", 1}, {"POST /items", "201", 1}, {"unmatched", "404", 1}} {
 		if got := series(t, f, "items_http_requests_total", "route", c.route, "code", c.code).GetCounter().GetValue(); got != c.n {
 			t.Errorf("requests %s %s: %v, want %v", c.route, c.code, got, c.n)
 		}
