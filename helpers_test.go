@@ -590,6 +590,21 @@ func scanLog(t testing.TB, r io.Reader, addr chan<- string) {
 	io.Copy(io.Discard, r) // past a line too long for the scanner
 }
 
+// runService starts the whole service with run, on a schema and a key
+// prefix of its own, the variables of cfg and extra (pairs of name and
+// value); stop is its SIGTERM.
+func runService(t *testing.T, extra ...string) (cfg Config, base string, done <-chan error, stop context.CancelFunc) {
+	t.Helper()
+	cfg = testConfig(t)
+	log := newLogBuffer(t).logger()
+	newTestStore(t, cfg, log)
+	newTestCache(t, cfg, log)
+	ctx, stop := context.WithCancel(t.Context())
+	t.Cleanup(stop)
+	base, done = startRun(t, ctx, envFrom(cfg, extra...))
+	return cfg, base, done, stop
+}
+
 // startRun runs the service as main does, with a JSON log, and returns its
 // base URL once it is listening, and a channel with run's result.
 func startRun(t *testing.T, ctx context.Context, getenv func(string) string) (string, <-chan error) {

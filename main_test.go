@@ -27,13 +27,7 @@ import (
 // TestRunEndToEnd starts the whole service with run on a free port, as main
 // does, uses it over HTTP, checks its health-check mode, and stops it.
 func TestRunEndToEnd(t *testing.T) {
-	cfg := testConfig(t)
-	log := newLogBuffer(t).logger()
-	newTestStore(t, cfg, log)
-	newTestCache(t, cfg, log)
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
-	base, done := startRun(t, ctx, envFrom(cfg))
+	cfg, base, done, cancel := runService(t)
 
 	it := createItem(t, base, `{"name":"end to end"}`)
 	if got := do(t, "GET", fmt.Sprintf("%s/items/%d", base, it.ID), "").header.Get("X-Cache"); got != "MISS" {
@@ -122,14 +116,8 @@ func TestGracefulShutdown(t *testing.T) {
 // "Connection: close") and on new ones, with /ready 503; then it stops
 // listening and returns.
 func TestShutdownDelay(t *testing.T) {
-	cfg := testConfig(t)
-	log := newLogBuffer(t).logger()
-	newTestStore(t, cfg, log)
-	newTestCache(t, cfg, log)
-	ctx, cancel := context.WithCancel(t.Context())
-	defer cancel()
 	const delay = 1500 * time.Millisecond
-	base, done := startRun(t, ctx, envFrom(cfg, "SHUTDOWN_DELAY", delay.String()))
+	_, base, done, cancel := runService(t, "SHUTDOWN_DELAY", delay.String())
 	it := createItem(t, base, `{"name":"leaving"}`)
 	path := fmt.Sprintf("%s/items/%d", base, it.ID)
 
