@@ -59,6 +59,8 @@ var latencyBuckets = [...]time.Duration{
 
 func newMetrics(items *Items) *Metrics { return &Metrics{items: items} }
 
+var processStart = time.Now()
+
 // observe counts a request that the route answered with status in d. It
 // takes no lock: a series is made once, then only added to.
 func (m *Metrics) observe(route string, status int, d time.Duration) {
@@ -150,6 +152,10 @@ func (m *Metrics) written() []byte {
 		e.family(rm.name, "gauge", rm.help)
 		e.sample(rm.name, "", float64(samples[i].Value.Uint64()))
 	}
+	// The process's CPU and memory are the container runtime's figures
+	// (the kubelet's cAdvisor); its start tells a restart.
+	e.family("process_start_time_seconds", "gauge", "When the process started, in seconds since the Unix epoch.")
+	e.sample("process_start_time_seconds", "", float64(processStart.UnixMilli())/1000)
 	return e.Bytes()
 }
 

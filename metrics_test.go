@@ -84,7 +84,7 @@ func TestMetrics(t *testing.T) {
 		"items_http_requests_total": dto.MetricType_COUNTER, "items_http_request_duration_seconds": dto.MetricType_HISTOGRAM,
 		"items_cache_hits_total": dto.MetricType_COUNTER, "items_waiting_for_item_reads": dto.MetricType_GAUGE,
 		"items_postgres_pool_open_connections": dto.MetricType_GAUGE, "items_redis_pool_connections": dto.MetricType_GAUGE,
-		"go_gc_gomemlimit_bytes": dto.MetricType_GAUGE,
+		"go_gc_gomemlimit_bytes": dto.MetricType_GAUGE, "process_start_time_seconds": dto.MetricType_GAUGE,
 	} {
 		if f[name] == nil || f[name].GetType() != typ {
 			t.Errorf("family %s: %v, want a %v", name, f[name], typ)
