@@ -71,7 +71,7 @@ type Config struct {
 func loadConfig(getenv func(string) string) (Config, error) {
 	p := envParser{getenv: getenv}
 	c := Config{
-		Port:              p.port("PORT", 5000, true),
+		Port:              p.servicePort(),
 		DBHost:            p.str("DB_HOST", "localhost"),
 		DBPort:            p.port("DB_PORT", 5432, false),
 		DBName:            p.str("DB_NAME", "appdb"),
@@ -305,9 +305,12 @@ const maxSecretBytes = 64 << 10
 // healthcheckPort reads PORT alone, for `items healthcheck`.
 func healthcheckPort(getenv func(string) string) (int, error) {
 	p := envParser{getenv: getenv}
-	port := p.port("PORT", 5000, true)
+	port := p.servicePort()
 	return port, errors.Join(p.errs...)
 }
+
+// servicePort is PORT, the API's: 0 picks a free one.
+func (p *envParser) servicePort() int { return p.port("PORT", 5000, true) }
 
 func (p *envParser) intRange(name string, def, lo, hi int) int {
 	v := p.getenv(name)

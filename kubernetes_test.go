@@ -160,20 +160,22 @@ func TestManifests(t *testing.T) {
 // key of a mounted Secret.
 func checkReferences(t *testing.T, objects rendered, external []string, pod string, spec corev1.PodSpec) {
 	t.Helper()
-	mounts := map[string]*corev1.Secret{} // mount path -> the Secret, nil if the platform's
+	secrets := map[string]*corev1.Secret{} // volume -> its Secret, nil if the platform's
+	for _, v := range spec.Volumes {
+		if v.Secret == nil {
+			continue
+		}
+		secret, ok := objects["Secret"][v.Secret.SecretName].(*corev1.Secret)
+		if !ok && !slices.Contains(external, v.Secret.SecretName) {
+			t.Errorf("%s: volume %s names Secret %s, which is not rendered", pod, v.Name, v.Secret.SecretName)
+		}
+		secrets[v.Name] = secret
+	}
 	for _, c := range slices.Concat(spec.InitContainers, spec.Containers) {
-		for _, v := range spec.Volumes {
-			if v.Secret == nil {
-				continue
-			}
-			secret, ok := objects["Secret"][v.Secret.SecretName].(*corev1.Secret)
-			if !ok && !slices.Contains(external, v.Secret.SecretName) {
-				t.Errorf("%s: volume %s names Secret %s, which is not rendered", pod, v.Name, v.Secret.SecretName)
-			}
-			for _, m := range c.VolumeMounts {
-				if m.Name == v.Name {
-					mounts[m.MountPath] = secret
-				}
+		mounts := map[string]*corev1.Secret{} // this container's mount path -> the Secret
+		for _, m := range c.VolumeMounts {
+			if secret, ok := secrets[m.Name]; ok {
+				mounts[m.MountPath] = secret
 			}
 		}
 		for name, value := range containerEnv(t, objects, pod, c) {
